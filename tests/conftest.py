@@ -1,0 +1,13 @@
+"""Shared test set-up.
+
+TRITON_INTERPRET must be set before any @triton.jit function is defined, so it is
+set here, before any test module imports minilora.kernels: CI has no GPU and runs
+the Triton kernels in the interpreter on the CPU.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+# Oracles (transformers, peft) must never reach for a hub: everything is local.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
