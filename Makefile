@@ -1,4 +1,6 @@
 # Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# Tools run as console scripts, not `python -m`: -m puts the repo root on sys.path,
+# where kernels/ would shadow the PyPI package `kernels` that bitsandbytes imports.
 PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
@@ -23,13 +25,13 @@ $(STAMP): pyproject.toml | $(VPY)
 setup: $(STAMP)
 
 test: $(STAMP)
-	$(VPY) -m pytest -q
+	$(VENV)/bin/pytest -q
 
 test-slow: $(STAMP)
-	$(VPY) -m pytest -q -m slow
+	$(VENV)/bin/pytest -q -m slow
 
 demo: $(STAMP)
-	$(VPY) -m minilora demo
+	$(VENV)/bin/minilora demo
 
 bench: $(STAMP)
 	$(VPY) -m pip install -e ".[bench]" >/dev/null

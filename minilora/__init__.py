@@ -1,1 +1,33 @@
-"""minilora: LoRA and QLoRA fine-tuning from scratch in plain PyTorch."""
+"""minilora: LoRA and QLoRA fine-tuning from scratch in plain PyTorch.
+
+The public API is small and stable; everything not re-exported here may change.
+"""
+
+from .adapters import load_adapter, save_adapter
+from .inject import (
+    LoraConfig,
+    count_parameters,
+    inject,
+    lora_state_dict,
+    merge_lora,
+    print_trainable_parameters,
+    remove_lora,
+    unmerge_lora,
+)
+from .lora import LoRALinear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoRALinear",
+    "LoraConfig",
+    "inject",
+    "merge_lora",
+    "unmerge_lora",
+    "remove_lora",
+    "lora_state_dict",
+    "count_parameters",
+    "print_trainable_parameters",
+    "save_adapter",
+    "load_adapter",
+]

@@ -1,0 +1,387 @@
+"""The injection walker: which layers get an adapter, and the verbs that act on them.
+
+`inject(model, config)` walks `model.named_modules()`, picks the linear layers the
+config targets, and replaces each in place with a `LoRALinear` that wraps it. Every
+other parameter is frozen; only the adapters (and any `modules_to_save`) train.
+
+Target matching is peft's, so a config means the same thing in both libraries and
+adapters move between them:
+
+- a list entry matches a module's full name exactly, or as a dotted suffix
+  (`"q_proj"` matches `model.layers.3.self_attn.q_proj`, not `xq_proj`);
+- a single string is a regular expression that must match the full name;
+- `"all-linear"` takes every linear layer except the output head (`lm_head`,
+  or the classifier of a classification model).
+
+`modules_to_save` names whole modules (a new classification head, typically) that
+train in full and are saved with the adapter; as in peft, an entry matches any
+module whose name ends with it.
+
+The verbs follow minLoRA's small functional API: `inject`, `merge_lora`,
+`unmerge_lora`, `remove_lora`, `lora_state_dict`, `count_parameters`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .lora import LoRALinear
+
+# Where inject() leaves its bookkeeping on the model (plain attributes, not state).
+_CONFIG_ATTR = "_minilora_lora_config"
+_SAVED_ATTR = "_minilora_modules_to_save"
+
+# Head names that peft treats as a sequence-classification head (SEQ_CLS_HEAD_NAMES).
+SEQ_CLS_HEAD_NAMES = ("score", "classifier")
+
+# peft's defaults when target_modules is not given, by config.model_type.
+DEFAULT_TARGETS = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "bert": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+}
+
+TASK_TYPES = (None, "CAUSAL_LM", "SEQ_CLS", "FEATURE_EXTRACTION", "TOKEN_CLS", "QUESTION_ANS", "SEQ_2_SEQ_LM")
+
+
+@dataclass
+class LoraConfig:
+    """What to adapt and how. Field names are ours; `save_adapter` writes peft's."""
+
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    rslora: bool = False
+    modules_to_save: list[str] | None = None
+    task_type: str | None = None
+    # Per-module overrides, keyed like peft's: a regex matched as a dotted suffix.
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    exclude_modules: list[str] | str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            raise ValueError(f"LoraConfig.r must be a positive integer (typical: 4, 8, 16), got {self.r!r}")
+        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise ValueError(f"LoraConfig.alpha must be a positive number (typical: r or 2*r), got {self.alpha!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.target_modules, (tuple, set)):
+            self.target_modules = sorted(self.target_modules)
+        if self.target_modules is not None and not isinstance(self.target_modules, (str, list)):
+            raise ValueError(
+                "LoraConfig.target_modules must be a list of module names, a regex string, or 'all-linear', "
+                f"got {type(self.target_modules).__name__}"
+            )
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+        if self.task_type not in TASK_TYPES:
+            raise ValueError(f"LoraConfig.task_type must be one of {TASK_TYPES}, got {self.task_type!r}")
+        if self.rslora and (self.rank_pattern or self.alpha_pattern):
+            raise ValueError("rslora cannot be combined with rank_pattern or alpha_pattern (peft forbids it too)")
+
+    def rank_and_alpha(self, name: str) -> tuple[int, float]:
+        """r and alpha for one module: the first matching pattern wins, as in peft."""
+        r, alpha = self.r, self.alpha
+        for key, value in self.rank_pattern.items():
+            if re.match(rf"(.*\.)?({key})$", name):
+                r = value
+                break
+        for key, value in self.alpha_pattern.items():
+            if re.match(rf"(.*\.)?({key})$", name):
+                alpha = value
+                break
+        return r, alpha
+
+
+def _linear_types() -> tuple[type, ...]:
+    """Layer types LoRA can wrap: nn.Linear, and the 4-bit NF4Linear once it exists."""
+    try:
+        from .nf4_linear import NF4Linear
+    except ImportError:  # the NF4 module is optional for the walker
+        return (nn.Linear,)
+    return (nn.Linear, NF4Linear)
+
+
+def _matches(name: str, patterns: list[str] | str) -> bool:
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return name in patterns or any(name.endswith("." + p) for p in patterns)
+
+
+def _entry_matches(entry: str, names: list[str]) -> bool:
+    return any(name == entry or name.endswith("." + entry) for name in names)
+
+
+def _adapter_free_modules(model: nn.Module):
+    """named_modules() without the insides of existing LoRA wrappers."""
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(s + ".") for s in skip):
+            continue
+        if isinstance(module, LoRALinear):
+            skip.append(name)
+        yield name, module
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    """The output head that 'all-linear' leaves alone: lm_head or a classifier."""
+    heads = []
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    if out is not None:
+        heads.append(out)
+    else:
+        for attr in SEQ_CLS_HEAD_NAMES:
+            if isinstance(getattr(model, attr, None), nn.Module):
+                heads.append(getattr(model, attr))
+                break
+    return {name for name, m in model.named_modules() if any(m is h for h in heads)}
+
+
+def shorten_per_layer(names: list[str]) -> list[str]:
+    """`model.layers.0.mlp.up_proj`, `model.layers.1.mlp.up_proj` -> `model.layers.N.mlp.up_proj`."""
+    seen: dict[str, None] = {}
+    for name in names:
+        seen.setdefault(re.sub(r"(^|\.)\d+(?=\.|$)", r"\1N", name), None)
+    return list(seen)
+
+
+def _no_match_error(asked, linear_names: list[str]) -> ValueError:
+    short = shorten_per_layer(linear_names)
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
+    wanted = [asked] if isinstance(asked, str) else list(asked)
+    # Best match first, as difflib ranks them.
+    close = list(dict.fromkeys(c for w in wanted for c in difflib.get_close_matches(w, leaves + short, n=3, cutoff=0.5)))
+    lines = [f"target_modules {asked!r}: no linear layer of this model matches."]
+    if close:
+        lines.append(f"Closest names: {', '.join(close)}.")
+    lines.append(f"Valid short names: {', '.join(leaves) or '(the model has no linear layers)'}.")
+    lines.append("Linear layers (N = any layer index):")
+    lines += [f"  {n}" for n in short[:60]]
+    if len(short) > 60:
+        lines.append(f"  ... and {len(short) - 60} more")
+    return ValueError("\n".join(lines))
+
+
+def _modules_to_save_entries(model: nn.Module, config: LoraConfig) -> tuple[list[str], list[str]]:
+    """(entries the user gave, entries added for a classification head)."""
+    given = list(config.modules_to_save or [])
+    auto = []
+    if config.task_type == "SEQ_CLS":
+        # As peft does: a classification adapter always trains and saves its head.
+        auto = [h for h in SEQ_CLS_HEAD_NAMES if h not in given and hasattr(model, h)]
+    return given, auto
+
+
+def resolve_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Full names of the modules that train in full. Like peft, an entry matches
+    any module whose name ends with it (so `classifier` also takes `pre_classifier`)."""
+    given, auto = _modules_to_save_entries(model, config)
+    entries = given + auto
+    chosen: list[str] = []
+    for name, _ in _adapter_free_modules(model):
+        if name and any(name.endswith(e) for e in entries) and not any(name.startswith(c + ".") for c in chosen):
+            chosen.append(name)
+    # peft writes both head names into a classification adapter's config, so a
+    # head name that is absent is not an error; any other unmatched entry is.
+    missing = [e for e in given if e not in SEQ_CLS_HEAD_NAMES and not any(c.endswith(e) for c in chosen)]
+    if missing:
+        top = [n for n, _ in model.named_children()]
+        raise ValueError(f"modules_to_save entries {missing} match no module; the model's top-level modules are {top}")
+    return chosen
+
+
+def default_targets(model: nn.Module, linear_names: list[str]) -> list[str]:
+    """peft's default targets for the model's type (attention query and value)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DEFAULT_TARGETS:
+        leaves = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in linear_names}))
+        raise ValueError(
+            f"LoraConfig.target_modules is not set and there is no default for model type {model_type!r}; "
+            f"set it to some of: {leaves}, or to 'all-linear'"
+        )
+    return DEFAULT_TARGETS[model_type]
+
+
+def resolve_targets(model: nn.Module, config: LoraConfig) -> tuple[list[str], list[str] | str]:
+    """(full names of the layers `inject` would wrap, the target_modules that select
+    them as peft would save it), without changing the model."""
+    linear_types = _linear_types()
+    saved = resolve_modules_to_save(model, config)
+    modules = [(n, m) for n, m in _adapter_free_modules(model) if n]
+    # Adapters never go inside a module that trains in full (peft's rule too).
+    modules = [(n, m) for n, m in modules if not any(n == s or n.startswith(s + ".") for s in saved)]
+    linear_names = [n for n, m in modules if isinstance(m, linear_types)]
+
+    targets = config.target_modules
+    if targets is None:
+        targets = default_targets(model, linear_names)
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        heads = _output_head_names(model)
+        chosen = [n for n in linear_names if n not in heads]
+        if not chosen:
+            raise _no_match_error(targets, linear_names)
+        return chosen, _portable_targets(chosen)
+
+    chosen = []
+    for name, module in modules:
+        if not _matches(name, targets):
+            continue
+        if config.exclude_modules and _matches(name, config.exclude_modules):
+            continue
+        if not isinstance(module, linear_types):
+            raise ValueError(
+                f"target module {name!r} is a {type(module).__name__}; LoRA wraps linear layers only "
+                f"({', '.join(t.__name__ for t in linear_types)}). Name its linear sub-layers instead."
+            )
+        chosen.append(name)
+    if not chosen:
+        raise _no_match_error(targets, linear_names)
+    if isinstance(targets, list):
+        unmatched = [t for t in targets if not _entry_matches(t, chosen)]
+        if unmatched:
+            raise _no_match_error(unmatched, linear_names)
+    return chosen, targets
+
+
+def _portable_targets(chosen: list[str]) -> list[str]:
+    """What 'all-linear' selected, written as an explicit list (peft saves it so too):
+    the leaf names when they select exactly the same layers, else the full names."""
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in chosen})
+    return leaves if len(leaves) == len(set(chosen)) else list(chosen)
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def get_lora_config(model: nn.Module) -> LoraConfig:
+    config = getattr(model, _CONFIG_ATTR, None)
+    if config is None:
+        raise ValueError("this model has no LoRA adapter; call minilora.inject(model, LoraConfig(...)) first")
+    return config
+
+
+def inject(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Wrap the targeted linear layers in place with LoRALinear; return their names.
+
+    Afterwards only the adapters and `modules_to_save` are trainable.
+    """
+    if lora_layers(model):
+        raise ValueError("this model already has LoRA adapters; call minilora.remove_lora(model) first")
+    chosen, targets = resolve_targets(model, config)
+    saved = resolve_modules_to_save(model, config)
+    given, auto = _modules_to_save_entries(model, config)
+
+    # Remember what remove_lora must restore: trainability, and the heads' weights.
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    originals = {n: {k: v.detach().clone() for k, v in model.get_submodule(n).state_dict().items()} for n in saved}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in chosen:
+        r, alpha = config.rank_and_alpha(name)
+        layer = LoRALinear(model.get_submodule(name), r=r, alpha=alpha, dropout=config.dropout, rslora=config.rslora)
+        _set_module(model, name, layer)
+    for name in saved:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
+
+    # What save_adapter writes: the effective targets and heads, as peft records them.
+    resolved = dataclasses.replace(config, target_modules=targets, modules_to_save=(given + auto) or None)
+    object.__setattr__(model, _CONFIG_ATTR, resolved)
+    object.__setattr__(model, _SAVED_ATTR, {"names": saved, "originals": originals, "requires_grad": requires_grad})
+    return chosen
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold every adapter into its base weight (W0 + s*BA); forward then skips the adapter."""
+    for _, layer in lora_layers(model):
+        if not layer.merged:
+            layer.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Undo merge_lora: subtract every adapter from its base weight again."""
+    for _, layer in lora_layers(model):
+        if layer.merged:
+            layer.unmerge()
+
+
+def remove_lora(model: nn.Module, merge: bool = False) -> nn.Module:
+    """Take the adapters out, putting the original layers back.
+
+    merge=False restores the base model exactly as it was (heads in
+    `modules_to_save` get their original weights back). merge=True keeps what was
+    learned: adapters are merged into the base weights and trained heads are kept.
+    """
+    for name, layer in lora_layers(model):
+        if merge and not layer.merged:
+            layer.merge()
+        elif not merge and layer.merged:
+            layer.unmerge()
+        _set_module(model, name, layer.base_layer)
+    saved = getattr(model, _SAVED_ATTR, None)
+    if saved is not None:
+        if not merge:
+            for name, state in saved["originals"].items():
+                model.get_submodule(name).load_state_dict(state)
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved["requires_grad"].get(n, p.requires_grad))
+        object.__delattr__(model, _SAVED_ATTR)
+    if hasattr(model, _CONFIG_ATTR):
+        object.__delattr__(model, _CONFIG_ATTR)
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What an adapter consists of: every lora_A / lora_B weight, plus the full state
+    of each module in `modules_to_save`. Keys are the model's own names."""
+    state: dict[str, torch.Tensor] = {}
+    for name, layer in lora_layers(model):
+        state[f"{name}.lora_A.weight"] = layer.lora_A.weight
+        state[f"{name}.lora_B.weight"] = layer.lora_B.weight
+    saved = getattr(model, _SAVED_ATTR, None)
+    for name in saved["names"] if saved else []:
+        for key, value in model.get_submodule(name).state_dict(keep_vars=True).items():
+            state[f"{name}.{key}"] = value
+    return state
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts. A 4-bit weight counts as its number of
+    values, not its number of bytes."""
+    trainable = total = 0
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+        total += getattr(module, "num_quantized_values", lambda: 0)()
+    return trainable, total
+
+
+def trainable_summary(model: nn.Module) -> str:
+    """peft's one-line summary: trainable params: … || all params: … || trainable%: …"""
+    trainable, total = count_parameters(model)
+    pct = 100 * trainable / total if total else 0.0
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}"
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    print(trainable_summary(model))

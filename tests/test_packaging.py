@@ -1,0 +1,56 @@
+"""The package as users install it: six runtime dependencies, kernels/ as minilora.kernels."""
+
+import ast
+import importlib
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNTIME = {"torch", "safetensors", "tokenizers", "numpy", "tqdm", "triton"}
+PEERS = {"transformers", "peft", "bitsandbytes", "accelerate", "datasets", "jinja2", "yaml", "matplotlib"}
+
+
+def test_runtime_dependencies_are_exactly_the_core_six():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {dep.split(";")[0].strip().split("=")[0].split(">")[0].split("<")[0] for dep in project["dependencies"]}
+    assert names == RUNTIME
+    triton = next(d for d in project["dependencies"] if d.startswith("triton"))
+    assert "sys_platform == 'linux'" in triton
+    assert {"transformers", "peft", "bitsandbytes"} <= set(project["optional-dependencies"]["dev"])
+    assert project["scripts"]["minilora"] == "minilora.cli:main"
+
+
+def test_library_code_imports_no_peer_library():
+    offenders = []
+    for path in [*ROOT.joinpath("minilora").rglob("*.py"), *ROOT.joinpath("kernels").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in PEERS]
+    assert not offenders
+
+
+def test_editable_install_maps_kernels_to_minilora_kernels():
+    kernels = importlib.import_module("minilora.kernels")
+    assert Path(kernels.__file__).resolve() == ROOT / "kernels" / "__init__.py"
+
+
+def test_wheel_ships_kernels_inside_minilora_and_no_top_level_kernels(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("minilora-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "minilora/kernels/__init__.py" in names
+    assert "minilora/__init__.py" in names
+    assert not any(n.startswith("kernels/") for n in names)
+    top_level = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top_level == {"minilora"}
