@@ -14,6 +14,7 @@ from .inject import (
     remove_lora,
     unmerge_lora,
 )
+from .loading import load_model
 from .lora import LoRALinear
 
 __version__ = "0.1.0"
@@ -30,4 +31,5 @@ __all__ = [
     "print_trainable_parameters",
     "save_adapter",
     "load_adapter",
+    "load_model",
 ]

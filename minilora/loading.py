@@ -1,0 +1,279 @@
+"""Load a Hugging Face model folder (config.json + safetensors) into our own models.
+
+The strategy keeps peak memory near ONE copy of the weights:
+
+1. Build the model on the meta device. Meta tensors have a shape and a dtype but
+   no storage, so a 7B-parameter model costs nothing yet, and no time is spent on
+   random initialisation that the checkpoint would overwrite.
+2. Open the safetensors file(s) with `safe_open`, which memory-maps them, and read
+   one tensor at a time: convert its key to ours (`model.convert_checkpoint_tensor`),
+   check its shape, cast it, move it, and put it in the module in place of the
+   meta tensor. The only extra memory is the one tensor in flight.
+3. Tie what is tied (an LM head sharing the embedding matrix is filled once and
+   then pointed at the same Parameter), initialise the heads the checkpoint does
+   not have (a new classifier) as transformers would, and create the buffers that
+   checkpoints never hold (`model.init_non_persistent_buffers(device)`).
+4. Be strict: a parameter never filled or a checkpoint tensor with no place is
+   an error, because a silently random layer is the worst kind of bug.
+
+We only read safetensors. A pickle file (pytorch_model.bin) can execute code
+when loaded, so we refuse it and say how to convert it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import warnings
+from itertools import chain
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .models import TASKS, get_config_class, get_model_class
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "auto": None,
+}
+
+
+def resolve_dtype(dtype) -> torch.dtype | None:
+    """torch.dtype, a name like "bf16", or None/"auto" (keep the checkpoint's)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).lower().removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use a torch.dtype or one of: {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def find_model_dir(path) -> Path:
+    """The model folder, checked to exist and to hold a config.json."""
+    model_dir = Path(path).expanduser()
+    if not model_dir.is_dir():
+        raise FileNotFoundError(
+            f"model folder not found: {model_dir} (expected a folder with config.json and model.safetensors)"
+        )
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json in {model_dir}: is this a Hugging Face model folder?")
+    return model_dir
+
+
+def checkpoint_shards(model_dir: Path) -> list[tuple[Path, list[str]]]:
+    """[(safetensors file, keys to read from it)] for a single or a sharded checkpoint."""
+    single, index = model_dir / "model.safetensors", model_dir / "model.safetensors.index.json"
+    if single.is_file():
+        with safe_open(single, framework="pt") as f:
+            return [(single, list(f.keys()))]
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards: dict[str, list[str]] = {}
+        for key, shard in weight_map.items():
+            shards.setdefault(shard, []).append(key)
+        for shard in shards:
+            if not (model_dir / shard).is_file():
+                raise FileNotFoundError(f"{index} lists shard {shard}, which is not in {model_dir}")
+        return [(model_dir / shard, keys) for shard, keys in shards.items()]
+    pickles = sorted(p.name for p in model_dir.glob("*.bin"))
+    if pickles:
+        raise ValueError(
+            f"{model_dir} holds only PyTorch pickle weights ({', '.join(pickles[:3])}); minilora reads "
+            "safetensors only, because unpickling can run arbitrary code. Convert once with transformers:\n"
+            f"  python -c \"from transformers import AutoModel; AutoModel.from_pretrained('{model_dir}')"
+            f".save_pretrained('{model_dir}', safe_serialization=True)\""
+        )
+    found = sorted(p.name for p in model_dir.iterdir())
+    raise FileNotFoundError(
+        f"no model.safetensors or model.safetensors.index.json in {model_dir} (found: {', '.join(found[:10])})"
+    )
+
+
+def _short(keys, limit: int = 10) -> str:
+    keys = list(keys)
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    module_name, _, attr = name.rpartition(".")
+    return model.get_submodule(module_name), attr
+
+
+def _put(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Replace the (meta) tensor `name` by `tensor` without copying it."""
+    module, attr = _owner(model, name)
+    if attr in module._parameters:
+        old = module._parameters[attr]
+        trainable = old.requires_grad and (tensor.is_floating_point() or tensor.is_complex())
+        module._parameters[attr] = nn.Parameter(tensor, requires_grad=trainable)
+    else:
+        module._buffers[attr] = tensor
+
+
+@torch.no_grad()
+def _init_new(model: nn.Module, name: str, shape, dtype, device, std: float) -> None:
+    """Initialise a tensor the checkpoint lacks as transformers does: normal(0, std)
+    for matrices (linear, embedding), zeros for biases, ones for norm gains."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    module, attr = _owner(model, name)
+    if attr == "bias":
+        t.zero_()
+    elif t.dim() == 1:
+        t.fill_(1.0)
+    else:
+        t.normal_(0.0, std)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            t[module.padding_idx].zero_()
+    _put(model, name, t)
+
+
+def _with_num_labels(config, num_labels: int):
+    if dataclasses.is_dataclass(config):
+        changes = {"num_labels": num_labels}
+        if getattr(config, "id2label", None) and len(config.id2label) != num_labels:
+            changes["id2label"] = None  # the checkpoint's names no longer fit
+        return dataclasses.replace(config, **changes)
+    config.num_labels = num_labels
+    return config
+
+
+def _fill(model, shards, expected, tied, target_dtype, device):
+    """Stream every checkpoint tensor into `model`, one at a time.
+
+    Returns (our keys filled, checkpoint keys with no place, checkpoint keys the
+    model dropped, the dtype the floating tensors ended up in)."""
+    filled: set[str] = set()
+    filled_by_tie: set[str] = set()
+    unexpected, dropped = [], []
+    loaded_dtype = None  # dtype for new heads when none is asked: the checkpoint's
+    for file, keys in shards:
+        with safe_open(file, framework="pt") as f:
+            for ckpt_key in keys:
+                converted = model.convert_checkpoint_tensor(ckpt_key, f.get_tensor(ckpt_key))
+                if converted is None:
+                    dropped.append(ckpt_key)
+                    continue
+                name, tensor = converted
+                tied_copy = name in tied
+                name = tied.get(name, name)
+                if name in filled:
+                    if tied_copy or name in filled_by_tie:  # one matrix stored under both names
+                        continue
+                    raise ValueError(f"two checkpoint tensors map to {name!r} (the second is {ckpt_key!r})")
+                if name not in expected:
+                    unexpected.append(ckpt_key)
+                    continue
+                want = tuple(expected[name].shape)
+                if tuple(tensor.shape) != want:
+                    hint = ""
+                    if "classifier" in name:
+                        hint = " (pass num_labels to match the checkpoint's classifier, or omit it)"
+                    raise ValueError(
+                        f"shape mismatch for {ckpt_key!r} (our {name!r}): checkpoint {tuple(tensor.shape)}, "
+                        f"model {want}; config.json does not describe these weights{hint}"
+                    )
+                # Integer tensors (ids, counters) keep their dtype whatever is asked.
+                floating = tensor.is_floating_point()
+                cast = target_dtype if target_dtype is not None and floating else tensor.dtype
+                if loaded_dtype is None and floating:
+                    loaded_dtype = cast
+                _put(model, name, tensor.to(device=device, dtype=cast))
+                filled.add(name)
+                if tied_copy:
+                    filled_by_tie.add(name)
+    return filled, unexpected, dropped, loaded_dtype
+
+
+def load_model(
+    path,
+    task: str = "causal-lm",
+    dtype=None,
+    device="cpu",
+    num_labels: int | None = None,
+    strict: bool = True,
+) -> nn.Module:
+    """Build our model for `task` from a Hugging Face folder and fill it from safetensors.
+
+    dtype: None/"auto" keeps the checkpoint's; else a torch.dtype or "fp32"/"bf16"/"fp16".
+    num_labels: classification only; defaults to the checkpoint config's label count.
+    strict: missing or unexpected tensors raise (new classification heads excepted);
+    with strict=False they are warned about and missing ones initialised.
+    Returns the model in eval() mode; `model.newly_initialized_keys` lists what the
+    checkpoint did not provide.
+    """
+    model_dir = find_model_dir(path)
+    hf_config = json.loads((model_dir / "config.json").read_text())
+    model_type = hf_config.get("model_type")
+    if not model_type:
+        raise ValueError(f"{model_dir / 'config.json'} has no model_type, so the architecture is unknown")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+    model_cls = get_model_class(model_type, task)
+    config = get_config_class(model_type).from_hf(hf_config)
+    if num_labels is not None:
+        if task != "sequence-classification":
+            raise ValueError(f"num_labels applies to task 'sequence-classification', not {task!r}")
+        config = _with_num_labels(config, num_labels)
+    target_dtype = resolve_dtype(dtype)
+    device = torch.device(device)
+    shards = checkpoint_shards(model_dir)
+
+    with torch.device("meta"):
+        model = model_cls(config)
+    tied = dict(getattr(model, "tied_weights", None) or {})
+    # Tied copies are not filled on their own: they will point at their source.
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in tied}
+
+    filled, unexpected, dropped, loaded_dtype = _fill(model, shards, expected, tied, target_dtype, device)
+    if dropped:
+        logger.info("ignored %d checkpoint tensors this model does not use: %s", len(dropped), _short(dropped))
+
+    missing = [k for k in expected if k not in filled]
+    heads = tuple(getattr(model, "new_head_prefixes", ()))
+    not_heads = [k for k in missing if not k.startswith(heads)]
+    problems = []
+    if not_heads:
+        problems.append(f"{len(not_heads)} model tensors missing from the checkpoint: {_short(not_heads)}")
+    if unexpected:
+        problems.append(
+            f"{len(unexpected)} checkpoint tensors with no place in {model_cls.__name__}: {_short(unexpected)}"
+        )
+    if problems:
+        message = f"{model_dir} does not match {model_cls.__name__} (task {task!r}): " + "; ".join(problems)
+        if strict:
+            raise ValueError(
+                message + ". Check model_type and task, or pass strict=False to initialise the missing"
+                " tensors and skip the extra ones."
+            )
+        warnings.warn(message, stacklevel=2)
+
+    std = getattr(config, "initializer_range", 0.02)
+    new_dtype = target_dtype or loaded_dtype or torch.float32
+    for name in missing:
+        _init_new(model, name, expected[name].shape, new_dtype, device, std)
+    for dst, src in tied.items():
+        module, attr = _owner(model, dst)
+        module._parameters[attr] = model.get_parameter(src)
+    if hasattr(model, "init_non_persistent_buffers"):
+        model.init_non_persistent_buffers(device)
+
+    named = chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
+    on_meta = [n for n, t in named if t.is_meta]
+    if on_meta:
+        raise RuntimeError(
+            f"{model_cls.__name__} still has tensors on the meta device after loading: {_short(on_meta)}. "
+            "Buffers that checkpoints do not hold must be created in init_non_persistent_buffers(device)."
+        )
+
+    model.newly_initialized_keys = missing
+    if missing:
+        warnings.warn(f"{model_cls.__name__}: newly initialised, train them: {', '.join(missing)}", stacklevel=2)
+    return model.eval()
