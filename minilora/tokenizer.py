@@ -1,0 +1,302 @@
+"""A small tokenizer wrapper over the `tokenizers` library, for HF model folders.
+
+An HF folder describes its tokenizer in two layers. `tokenizer.json` is the complete
+pipeline the Rust `tokenizers` library runs: normalizer (e.g. BERT lower-casing) ->
+pre-tokenizer (split into words/digits/bytes) -> model (WordPiece or BPE) ->
+post-processor (add [CLS]/[SEP] or BOS) -> decoder. `tokenizer_config.json` (and the
+older `special_tokens_map.json`) add what the pipeline does not know: which strings
+are bos/eos/pad, which side to pad on, the maximum length, and the chat template.
+
+Two families matter here. BERT's WordPiece splits words into "##"-prefixed pieces
+and its post-processor wraps every sequence in [CLS] ... [SEP]. Byte-level BPE
+(GPT-2, Llama-3, SmolLM2, Qwen2) maps each UTF-8 byte to a printable character and
+merges frequent pairs, so any text round-trips through encode/decode exactly.
+
+Chat templates are Jinja programs in the HF world. minilora has no Jinja dependency,
+so `apply_chat_template` re-implements the two conventions it supports by hand and
+uses the template string only to pick the convention (and, for ChatML, to read the
+default system prompt some models inject when a conversation has none):
+
+    ChatML (SmolLM2, Qwen2)  <|im_start|>{role}\\n{content}<|im_end|>\\n ... <|im_start|>assistant\\n
+    Llama-2                  <s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s>
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer as _Backend
+from tokenizers import processors
+
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
+                      "cls_token", "mask_token")
+VERY_LARGE_LENGTH = int(1e30)  # transformers' "no limit" model_max_length
+
+# In a ChatML template, a literal system turn such as
+#   '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n'
+# is the default prompt injected when the first message is not a system message.
+# The body may not contain quotes or braces, so `'\n' + message['content'] + '` never matches.
+_CHATML_DEFAULT_SYSTEM = re.compile(r"<\|im_start\|>system(?:\\n|\n)([^'\"{}]*?)<\|im_end\|>")
+
+
+def _token_content(value) -> str | None:
+    # Configs store special tokens either as a string or as a serialized AddedToken.
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+class Tokenizer:
+    """Encode/decode/batch/chat-format text for one model folder (see `load_tokenizer`)."""
+
+    def __init__(self, backend: _Backend, config: dict | None = None):
+        config = config or {}
+        self.backend = backend
+        self.config = config
+        for key in SPECIAL_TOKEN_KEYS:
+            setattr(self, key, _token_content(config.get(key)))
+        self.model_max_length = int(config.get("model_max_length") or VERY_LARGE_LENGTH)
+        self.truncation_side = config.get("truncation_side", "right")
+        self.padding_side = config.get("padding_side", "right")
+        self.chat_template = config.get("chat_template")
+        self.add_bos_token = bool(config.get("add_bos_token", False))
+        self.add_eos_token = bool(config.get("add_eos_token", False))
+        self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False))
+
+        # tokenizer.json may carry its own fixed padding/truncation (MiniLM's pads every
+        # input to 128). Those are per-call choices here, so switch them off once.
+        backend.no_padding()
+        backend.no_truncation()
+        # tokenizer.json's post-processor is the authority on BOS/EOS (transformers v5
+        # ignores add_bos_token when a tokenizer.json exists). Only a pipeline with no
+        # post-processor at all takes the flags from the config.
+        if backend.post_processor is None and (self.add_bos_token or self.add_eos_token):
+            self._set_bos_eos_post_processor()
+
+    def _set_bos_eos_post_processor(self) -> None:
+        add_bos = self.add_bos_token and self.bos_token_id is not None
+        add_eos = self.add_eos_token and self.eos_token_id is not None
+        single = " ".join(([f"{self.bos_token}:0"] if add_bos else []) + ["$A:0"]
+                          + ([f"{self.eos_token}:0"] if add_eos else []))
+        pair = single + " " + single.replace(":0", ":1").replace("$A", "$B")
+        specials = ([(self.bos_token, self.bos_token_id)] if add_bos else []) + \
+                   ([(self.eos_token, self.eos_token_id)] if add_eos else [])
+        self.backend.post_processor = processors.TemplateProcessing(
+            single=single, pair=pair, special_tokens=specials)
+
+    # -- ids and sizes -------------------------------------------------------------
+
+    def token_to_id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.token_to_id(self.bos_token)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.token_to_id(self.eos_token)
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self.token_to_id(self.unk_token)
+
+    @property
+    def cls_token_id(self) -> int | None:
+        return self.token_to_id(self.cls_token)
+
+    @property
+    def sep_token_id(self) -> int | None:
+        return self.token_to_id(self.sep_token)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        # Decoder-only models often ship without a pad token; padding with eos is the
+        # usual choice because the attention mask hides those positions anyway.
+        pad = self.token_to_id(self.pad_token)
+        return pad if pad is not None else self.eos_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the base vocabulary (without added tokens), like transformers."""
+        return self.backend.get_vocab_size(with_added_tokens=False)
+
+    def __len__(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def padding_side(self) -> str:
+        return self._padding_side
+
+    @padding_side.setter
+    def padding_side(self, side: str) -> None:
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+        self._padding_side = side
+
+    # -- encode / decode -----------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        # The cleanup ("word ." -> "word.") repairs WordPiece output but would corrupt
+        # byte-level BPE, which already reproduces the original spacing.
+        if self.clean_up_tokenization_spaces and type(self.backend.model).__name__ != "BPE":
+            for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
+                         (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"),
+                         (" 're", "'re")):
+                text = text.replace(a, b)
+        return text
+
+    def batch_decode(self, batch, skip_special_tokens: bool = True) -> list[str]:
+        if isinstance(batch, torch.Tensor):
+            batch = batch.tolist()
+        return [self.decode(ids, skip_special_tokens) for ids in batch]
+
+    def __call__(self, texts: list[str] | str, padding: bool | str = True,
+                 truncation: bool = False, max_length: int | None = None,
+                 return_tensors: str | None = "pt", add_special_tokens: bool = True) -> dict:
+        """Batch-encode: {"input_ids", "attention_mask"}, padded on `padding_side`.
+
+        padding: True/"longest" pads to the longest text, "max_length" to `max_length`,
+        False leaves rows ragged (only with return_tensors=None). truncation cuts to
+        `max_length` (default model_max_length) keeping special tokens.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        if truncation:
+            limit = max_length if max_length is not None else self.model_max_length
+            if limit < VERY_LARGE_LENGTH:
+                self.backend.enable_truncation(limit, direction=self.truncation_side)
+        try:
+            rows = [e.ids for e in self.backend.encode_batch(
+                list(texts), add_special_tokens=add_special_tokens)]
+        finally:
+            self.backend.no_truncation()
+
+        if padding in (True, "longest"):
+            width = max((len(r) for r in rows), default=0)
+        elif padding == "max_length":
+            if max_length is None:
+                raise ValueError("padding='max_length' needs max_length=...")
+            width = max_length
+        elif padding in (False, "do_not_pad", None):
+            width = None
+        else:
+            raise ValueError(f"padding must be True, False, 'longest' or 'max_length', got {padding!r}")
+
+        masks = [[1] * len(r) for r in rows]
+        if width is not None:
+            pad_id = self.pad_token_id
+            if pad_id is None:
+                raise ValueError("this tokenizer has neither a pad nor an eos token; "
+                                 "set tokenizer.pad_token = '<some token>' before padding")
+            for i, r in enumerate(rows):
+                n = max(width - len(r), 0)
+                if self.padding_side == "left":
+                    rows[i], masks[i] = [pad_id] * n + r, [0] * n + masks[i]
+                else:
+                    rows[i], masks[i] = r + [pad_id] * n, masks[i] + [0] * n
+
+        if return_tensors is None:
+            return {"input_ids": rows, "attention_mask": masks}
+        if return_tensors != "pt":
+            raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
+        if len({len(r) for r in rows}) > 1:
+            raise ValueError("rows have different lengths; use padding=True to return tensors")
+        return {"input_ids": torch.tensor(rows, dtype=torch.long),
+                "attention_mask": torch.tensor(masks, dtype=torch.long)}
+
+    # -- chat formatting -------------------------------------------------------------
+
+    def _template(self) -> str | None:
+        t = self.chat_template
+        if isinstance(t, list):  # some configs store named templates: [{"name", "template"}]
+            t = next((x.get("template") for x in t if x.get("name") == "default"), None)
+        return t
+
+    def chat_format(self) -> str:
+        """'chatml' or 'llama2', read off the chat template string."""
+        t = self._template()
+        if not t:
+            raise ValueError(
+                "this model has no chat template (no 'chat_template' in tokenizer_config.json). "
+                "It is probably a base model: format prompts yourself, e.g. "
+                "f'{instruction}\\n\\n{input}\\n\\n' and tokenize that string with encode().")
+        if "<|im_start|>" in t:
+            return "chatml"
+        if "[INST]" in t:
+            return "llama2"
+        raise ValueError("unsupported chat template: minilora renders ChatML (<|im_start|>) "
+                         "and Llama-2 ([INST]) templates only; format the prompt manually.")
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tokenize: bool = False):
+        """Render `[{"role", "content"}, ...]` like the model's template; ids if tokenize."""
+        fmt = self.chat_format()
+        text = (self._chatml(messages, add_generation_prompt) if fmt == "chatml"
+                else self._llama2(messages))
+        # The template already wrote every special token it wants.
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    def _chatml(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        m = _CHATML_DEFAULT_SYSTEM.search(self._template())
+        default_system = m.group(1).replace("\\n", "\n") if m else None
+        parts = []
+        for i, msg in enumerate(messages):
+            if i == 0 and default_system is not None and msg["role"] != "system":
+                parts.append(f"<|im_start|>system\n{default_system}<|im_end|>\n")
+            parts.append(f"<|im_start|>{msg['role']}\n{msg['content']}<|im_end|>\n")
+        if add_generation_prompt:
+            parts.append("<|im_start|>assistant\n")
+        return "".join(parts)
+
+    def _llama2(self, messages: list[dict]) -> str:
+        # Llama-2 has no generation prompt: the answer simply follows " [/INST]".
+        system = None
+        if messages and messages[0]["role"] == "system":
+            system, messages = messages[0]["content"], messages[1:]
+        bos, eos = self.bos_token or "", self.eos_token or ""
+        parts = []
+        for i, msg in enumerate(messages):
+            if (msg["role"] == "user") != (i % 2 == 0):
+                raise ValueError("Conversation roles must alternate user/assistant/user/assistant/...")
+            content = msg["content"]
+            if i == 0 and system is not None:
+                content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
+            if msg["role"] == "user":
+                parts.append(f"{bos}[INST] {content.strip()} [/INST]")
+            else:
+                parts.append(f" {content.strip()} {eos}")
+        return "".join(parts)
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """Load the tokenizer of an HF model folder (or of its tokenizer.json file)."""
+    path = Path(path)
+    folder = path.parent if path.name == "tokenizer.json" else path
+    if not folder.exists():
+        raise FileNotFoundError(f"tokenizer folder not found: {folder}")
+    tok_file = folder / "tokenizer.json"
+    if not tok_file.is_file():
+        raise FileNotFoundError(
+            f"{tok_file} not found: minilora needs a 'fast' tokenizer.json (a folder with only "
+            f"vocab.txt or tokenizer.model can be converted once with transformers' "
+            f"AutoTokenizer.from_pretrained(...).save_pretrained(...))")
+    config = _read_json(folder / "special_tokens_map.json")
+    config.update(_read_json(folder / "tokenizer_config.json"))  # the newer file wins
+    jinja = folder / "chat_template.jinja"  # newer transformers save the template apart
+    if jinja.is_file():
+        config["chat_template"] = jinja.read_text(encoding="utf-8")
+    return Tokenizer(_Backend.from_file(str(tok_file)), config)
