@@ -14,8 +14,10 @@ from .inject import (
     remove_lora,
     unmerge_lora,
 )
+from .generation import generate
 from .loading import load_model
 from .lora import LoRALinear
+from .tokenizer import load_tokenizer
 
 __version__ = "0.1.0"
 
@@ -32,4 +34,6 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "load_model",
+    "load_tokenizer",
+    "generate",
 ]

@@ -1,0 +1,306 @@
+"""The training loop, written out by hand: read it top to bottom in `train()`.
+
+One optimizer step consumes a *group* of `grad_accum` micro-batches (per process).
+The loss of the group is the mean over everything in it, computed exactly:
+
+    L = (1 / N) · Σ_micro-batches Σ_items ℓ_i       N = items (classification) or
+                                                      target tokens (language modelling)
+                                                      in the whole group, on all processes
+
+Each micro-batch backpropagates its own sum divided by the group's N (times the
+number of processes, because DistributedDataParallel averages gradients), so the
+update equals one big batch of the same examples, also for a last, smaller group
+and for micro-batches with different numbers of tokens.
+
+Then: clip the gradient norm, set the rate from the schedule (a pure function of
+the step), AdamW step. Every `eval_every` steps and at each epoch's end the model
+is evaluated with task metrics; the best adapter is kept (in `<out>/best`) and put
+back at the end; early stopping ends the run after `patience` evaluations without
+improvement. Checkpoints hold the adapter, optimizer, RNG states and the position
+in the data, so `resume_from` continues exactly where a killed run stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import save_adapter
+from .checkpoint import load_checkpoint, save_checkpoint
+from .batching import collate, make_batches, shard_batches
+from .inject import lora_state_dict
+from .metrics import accuracy, confusion_matrix, macro_f1, perplexity
+from .schedule import lr_at, warmup_steps_for
+
+CLASSIFICATION = "sequence-classification"
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved in every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    group_in_epoch: int = 0  # next group of micro-batches to run in this epoch
+    best_metric: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    history: list = field(default_factory=list)
+
+
+def _dist() -> tuple[int, int]:
+    """(rank, world size); starts the process group when run under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _all_reduce(t: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: biases and norm scales (1-D) are not decayed."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
+    groups = param_groups(model, weight_decay)
+    if not groups:
+        raise ValueError("nothing to train: no parameter requires grad; inject LoRA (minilora.inject) first")
+    # The fused kernel does the whole update in one pass (CUDA); elsewhere foreach.
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
+
+
+def target_count(batch: dict, task: str) -> int:
+    """How many loss terms a batch has: examples, or next-token targets."""
+    if task == CLASSIFICATION:
+        return batch["labels"].numel()
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def loss_sum(model: nn.Module, batch: dict, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of per-item losses, logits) for one micro-batch."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if task == CLASSIFICATION:
+        return F.cross_entropy(logits.float(), batch["labels"], reduction="sum"), logits
+    # Token t predicts token t+1; -100 marks prompt and padding positions.
+    shift_logits = logits[:, :-1].float().reshape(-1, logits.size(-1))
+    return F.cross_entropy(shift_logits, batch["labels"][:, 1:].reshape(-1), ignore_index=-100, reduction="sum"), logits
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model, examples, task, *, batch_size, pad_token_id, padding_side="right", num_labels=None,
+             device=torch.device("cpu"), autocast=contextlib.nullcontext) -> dict:
+    """Task metrics on `examples`; each process takes a share and the sums are added."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    was_training = model.training
+    model.eval()
+    mine = examples[rank::world]
+    batches = make_batches([len(e["input_ids"]) for e in mine], batch_size, seed=0, epoch=0, shuffle=False)
+    total = torch.zeros(2, dtype=torch.float64)  # loss sum, count
+    confusion = torch.zeros(num_labels or 1, num_labels or 1, dtype=torch.long)
+    for idx in batches:
+        batch = _to(collate([mine[i] for i in idx], pad_token_id, padding_side), device)
+        with autocast():
+            loss, logits = loss_sum(model, batch, task)
+        total += torch.tensor([loss.item(), target_count(batch, task)], dtype=torch.float64)
+        if task == CLASSIFICATION:
+            confusion += confusion_matrix(logits.argmax(-1).cpu(), batch["labels"].cpu(), num_labels)
+    _all_reduce(total, world)
+    model.train(was_training)
+    mean_loss = (total[0] / total[1].clamp(min=1)).item()
+    if task == CLASSIFICATION:
+        _all_reduce(confusion, world)
+        return {"loss": mean_loss, "accuracy": accuracy(confusion), "macro_f1": macro_f1(confusion)}
+    return {"loss": mean_loss, "perplexity": perplexity(mean_loss)}
+
+
+def _log(out_dir: Path | None, record: dict) -> None:
+    if out_dir is not None:
+        with open(out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(out_dir: Path, step: int) -> None:
+    """On resume, forget what the killed run logged after its last checkpoint."""
+    path = out_dir / "metrics.jsonl"
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def _plot_loss(out_dir: Path, history: list) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # optional: the plot is a convenience, never a dependency
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    fig.tight_layout()
+    fig.savefig(out_dir / "loss.png", dpi=120)
+    plt.close(fig)
+
+
+def train(model: nn.Module, train_set: list[dict], eval_set: list[dict] | None, args, *, task: str,
+          out_dir: str | os.PathLike | None = None, pad_token_id: int = 0, padding_side: str = "right",
+          num_labels: int | None = None, progress: bool = True) -> dict:
+    """Fine-tune the trainable parameters of `model` (its LoRA adapter) in place.
+
+    `args` carries the [train] settings (see minilora.config.TrainSection). Returns
+    {"state": TrainState, "eval": last metrics, "best": best metric, "history": per-step records}.
+    """
+    rank, world = _dist()
+    device = torch.device(args.device if args.device not in (None, "auto") else
+                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    out = Path(out_dir) if out_dir is not None and rank == 0 else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    if task == CLASSIFICATION and num_labels is None:
+        num_labels = max(int(e["labels"]) for e in train_set) + 1
+
+    torch.manual_seed(args.seed)
+    model.to(device).train()
+    ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
+
+    lengths = [len(e["input_ids"]) for e in train_set]
+    global_batch = args.batch_size * world
+    groups_per_epoch = math.ceil(len(make_batches(lengths, global_batch, args.seed, 0)) / args.grad_accum)
+    total_steps = args.max_steps or args.epochs * groups_per_epoch
+    warmup = warmup_steps_for(total_steps, args.warmup_steps, args.warmup_ratio)
+    higher_is_better = args.metric_for_best in ("accuracy", "macro_f1") or (
+        args.metric_for_best == "auto" and task == CLASSIFICATION)
+    best_key = {"auto": "accuracy" if task == CLASSIFICATION else "loss"}.get(args.metric_for_best, args.metric_for_best)
+
+    state = TrainState()
+    if args.resume_from:
+        saved = load_checkpoint(args.resume_from, model, optimizer)
+        state = TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__ if k in saved})
+        if out is not None:
+            _truncate_log(out, state.step)
+
+    def run_eval() -> dict | None:
+        if not eval_set:
+            return None
+        metrics = evaluate(model, eval_set, task, batch_size=args.batch_size, pad_token_id=pad_token_id,
+                           padding_side=padding_side, num_labels=num_labels, device=device, autocast=autocast)
+        value = metrics[best_key]
+        improved = state.best_metric is None or (
+            value > state.best_metric + args.early_stopping_min_delta if higher_is_better
+            else value < state.best_metric - args.early_stopping_min_delta)
+        if improved:
+            state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
+            if out is not None:
+                save_adapter(model, out / "best")
+        else:
+            state.bad_evals += 1
+        _log(out, {"step": state.step, "epoch": state.epoch, **{f"eval_{k}": v for k, v in metrics.items()}})
+        return metrics
+
+    bar = tqdm(total=total_steps, initial=state.step, disable=not progress or rank != 0, desc="train")
+    last_eval, last_eval_step, stop = None, -1, False
+    tokens, t0 = 0, time.perf_counter()
+    while state.step < total_steps and not stop:
+        batches = shard_batches(make_batches(lengths, global_batch, args.seed, state.epoch), rank, world)
+        groups = [batches[i:i + args.grad_accum] for i in range(0, len(batches), args.grad_accum)]
+        while state.group_in_epoch < len(groups) and state.step < total_steps:
+            micro = [_to(collate([train_set[i] for i in idx], pad_token_id, padding_side), device)
+                     for idx in groups[state.group_in_epoch]]
+            n = _all_reduce(torch.tensor(float(sum(target_count(b, task) for b in micro))), world).item()
+            group_loss = 0.0
+            for k, batch in enumerate(micro):
+                # Gradients are averaged across processes only on the group's last backward.
+                sync = contextlib.nullcontext() if world == 1 or k == len(micro) - 1 else ddp.no_sync()
+                with sync:
+                    with autocast():
+                        loss, _ = loss_sum(ddp, batch, task)
+                    (loss * (world / max(n, 1.0))).backward()
+                group_loss += loss.item()
+                tokens += int(batch["attention_mask"].sum())
+            group_loss = _all_reduce(torch.tensor(group_loss), world).item() / max(n, 1.0)
+
+            if args.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
+            lr = lr_at(state.step, base_lr=args.lr, total_steps=total_steps, warmup_steps=warmup,
+                       schedule=args.schedule, min_lr_ratio=args.min_lr_ratio)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            state.step += 1
+            state.group_in_epoch += 1
+            epoch_done = state.group_in_epoch == len(groups)
+            if epoch_done:
+                state.epoch, state.group_in_epoch = state.epoch + 1, 0
+            record = {"step": state.step, "epoch": state.epoch, "loss": group_loss, "lr": lr}
+            state.history.append(record)
+            elapsed = time.perf_counter() - t0
+            bar.update(1)
+            bar.set_postfix(loss=f"{group_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens * world / elapsed:,.0f}")
+            if state.step % args.log_every == 0 or state.step == total_steps:
+                _log(out, {**record, "tokens_per_s": tokens * world / elapsed})
+
+            if (args.eval_every and state.step % args.eval_every == 0) or epoch_done or state.step == total_steps:
+                last_eval, last_eval_step = run_eval(), state.step
+                if last_eval is not None and args.early_stopping_patience and \
+                        state.bad_evals >= args.early_stopping_patience:
+                    stop = True
+            if args.save_every and (state.step % args.save_every == 0 or stop) and out_dir is not None:
+                if rank == 0:
+                    save_checkpoint(out_dir, model, optimizer, state.__dict__, keep_last=getattr(args, "save_total_limit", None))
+                if world > 1:
+                    dist.barrier()
+            if stop or epoch_done:  # a new epoch needs its own batch order: recompute it
+                break
+    bar.close()
+    if last_eval_step != state.step:
+        last_eval = run_eval()
+
+    # Put the best adapter back: the last step is rarely the best one.
+    if world > 1:
+        dist.barrier()
+    best_file = Path(out_dir) / "best" / "adapter_model.safetensors" if out_dir is not None else None
+    if best_file is not None and best_file.is_file() and state.best_step != state.step:
+        params = lora_state_dict(model)
+        with torch.no_grad():
+            for key, value in load_file(str(best_file)).items():
+                params[key.removeprefix("base_model.model.")].copy_(value)
+    if out is not None and state.history:
+        _plot_loss(out, state.history)
+    return {"state": state, "eval": last_eval, "best": state.best_metric, "history": state.history}
