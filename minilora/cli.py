@@ -1,37 +1,171 @@
 """The `minilora` command line.
 
-Every subcommand is a small function that takes parsed arguments. Errors a user can
-cause (a missing file, a bad option) exit with code 2 and one clear line; the
+    minilora train CONFIG [--set section.key=value ...]
+    minilora eval CONFIG [--adapter DIR]
+    minilora generate --model DIR [--adapter DIR] PROMPT
+    minilora merge --model DIR --adapter DIR OUT
+    minilora import-gguf FILE OUT_DIR
+    minilora info DIR
+    minilora demo
+
+Every subcommand is a small function of its parsed arguments. Errors a user can
+cause (a missing file, a bad config key) exit with code 2 and one clear line; the
 traceback is shown only with --debug.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 
 class UserError(Exception):
     """A mistake the user can fix; reported as one line, exit code 2."""
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
+# Exceptions that mean "the input was wrong", not "minilora is broken".
+USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError)
+
+
+def _cmd_demo(args) -> int:
     from .demo import run_demo
 
     run_demo(model_dir=args.model)
     return 0
 
 
+def _cmd_train(args) -> int:
+    from .config import load_config
+    from .run import run_training
+
+    cfg = load_config(args.config, args.set)
+    run_training(cfg, progress=not args.no_progress)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .config import load_config
+    from .run import run_eval
+
+    # stdout carries only the metrics JSON, so scripts can parse it; notes go to stderr.
+    metrics = run_eval(load_config(args.config, args.set), adapter=args.adapter,
+                       log=lambda line: print(line, file=sys.stderr))
+    print(json.dumps(metrics, indent=1))
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from .adapters import load_adapter
+    from .generation import generate
+    from .loading import load_model
+    from .tokenizer import load_tokenizer
+
+    model = load_model(args.model, task="causal-lm", dtype=args.dtype)
+    if args.adapter:
+        load_adapter(model, args.adapter)
+    tokenizer = load_tokenizer(args.model)
+    prompt = args.prompt
+    if not args.no_chat:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    print(generate(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p))
+    return 0
+
+
+def _task_of_adapter(adapter_dir: str) -> str:
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter config not found: {path}")
+    task_type = json.loads(path.read_text()).get("task_type")
+    return {"SEQ_CLS": "sequence-classification", "FEATURE_EXTRACTION": "embedding"}.get(task_type, "causal-lm")
+
+
+def _cmd_merge(args) -> int:
+    from .adapters import load_adapter
+    from .export import save_pretrained
+    from .inject import remove_lora
+    from .loading import load_model, resolve_dtype
+
+    task = args.task or _task_of_adapter(args.adapter)
+    model = load_model(args.model, task=task, num_labels=args.num_labels)
+    load_adapter(model, args.adapter)
+    remove_lora(model, merge=True)
+    out = save_pretrained(model, args.model, args.out, task=task, dtype=resolve_dtype(args.dtype))
+    print(f"merged model written to {out} (loads with transformers' from_pretrained or minilora.load_model)")
+    return 0
+
+
+def _cmd_import_gguf(args) -> int:
+    from .gguf_import import import_gguf
+    from .loading import resolve_dtype
+
+    out = import_gguf(args.file, args.out_dir, dtype=resolve_dtype(args.dtype))
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from .info import describe
+
+    print(describe(args.dir))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="minilora", description="LoRA and QLoRA fine-tuning from scratch in plain PyTorch."
-    )
+        prog="minilora", description="LoRA and QLoRA fine-tuning from scratch in plain PyTorch.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="LoRA on all-MiniLM-L6-v2: the README's first command")
-    demo.add_argument("--model", default=None, help="HF model folder (default: the all-MiniLM-L6-v2 wheel)")
-    demo.set_defaults(func=_cmd_demo)
+    p = sub.add_parser("demo", help="LoRA on all-MiniLM-L6-v2: the README's first command")
+    p.add_argument("--model", default=None, help="HF model folder (default: the all-MiniLM-L6-v2 wheel)")
+    p.set_defaults(func=_cmd_demo)
+
+    for name, func, helptext in (("train", _cmd_train, "fine-tune with LoRA from a TOML config"),
+                                 ("eval", _cmd_eval, "evaluate a model (and adapter) on a config's validation data")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("config", help="TOML config file (sections model, lora, quant, data, train, output)")
+        p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a config value, e.g. --set train.lr=1e-3 (repeatable)")
+        if name == "train":
+            p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        else:
+            p.add_argument("--adapter", default=None, help="adapter folder to evaluate (default: the base model)")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("generate", help="generate text from a causal LM (and adapter)")
+    p.add_argument("--model", required=True, help="HF model folder")
+    p.add_argument("--adapter", default=None, help="adapter folder (peft format)")
+    p.add_argument("prompt", help="the prompt; wrapped in the model's chat template unless --no-chat")
+    p.add_argument("--no-chat", action="store_true", help="use the prompt as is, without the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("merge", help="merge an adapter into its base and write an HF folder")
+    p.add_argument("--model", required=True, help="base HF model folder")
+    p.add_argument("--adapter", required=True, help="adapter folder (peft format)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--task", default=None, choices=["causal-lm", "sequence-classification", "embedding"],
+                   help="default: from the adapter's task_type")
+    p.add_argument("--num-labels", type=int, default=None, help="classification: number of labels")
+    p.add_argument("--dtype", default=None, help="write weights in this dtype (default: as loaded)")
+    p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser("import-gguf", help="convert a llama GGUF file into an HF safetensors folder")
+    p.add_argument("file", help="the .gguf file")
+    p.add_argument("out_dir", help="output folder")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.set_defaults(func=_cmd_import_gguf)
+
+    p = sub.add_parser("info", help="architecture, size, dtype and linear layers of a model folder")
+    p.add_argument("dir", help="HF model folder")
+    p.set_defaults(func=_cmd_info)
     return parser
 
 
@@ -43,10 +177,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (UserError, FileNotFoundError, ValueError) as e:
+    except USER_ERRORS as e:
         if args.debug:
             raise
-        print(f"minilora {args.command}: error: {e}", file=sys.stderr)
+        # The first line of every minilora error names the problem and the fix.
+        print(f"minilora {args.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

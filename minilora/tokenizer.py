@@ -31,6 +31,8 @@ import torch
 from tokenizers import Tokenizer as _Backend
 from tokenizers import processors
 
+from .paths import resolve_model_path
+
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
                       "cls_token", "mask_token")
 VERY_LARGE_LENGTH = int(1e30)  # transformers' "no limit" model_max_length
@@ -283,8 +285,8 @@ class Tokenizer:
 
 
 def load_tokenizer(path) -> Tokenizer:
-    """Load the tokenizer of an HF model folder (or of its tokenizer.json file)."""
-    path = Path(path)
+    """Load the tokenizer of an HF model folder (or of its tokenizer.json file, or `pkg:NAME`)."""
+    path = resolve_model_path(path)
     folder = path.parent if path.name == "tokenizer.json" else path
     if not folder.exists():
         raise FileNotFoundError(f"tokenizer folder not found: {folder}")

@@ -174,10 +174,11 @@ def _plot_loss(out_dir: Path, history: list) -> None:
 
 def train(model: nn.Module, train_set: list[dict], eval_set: list[dict] | None, args, *, task: str,
           out_dir: str | os.PathLike | None = None, pad_token_id: int = 0, padding_side: str = "right",
-          num_labels: int | None = None, progress: bool = True) -> dict:
+          num_labels: int | None = None, progress: bool = True, keep_last: int | None = None) -> dict:
     """Fine-tune the trainable parameters of `model` (its LoRA adapter) in place.
 
-    `args` carries the [train] settings (see minilora.config.TrainSection). Returns
+    `args` carries the [train] settings (see minilora.config.TrainSection); `keep_last`
+    limits how many checkpoints stay on disk. Returns
     {"state": TrainState, "eval": last metrics, "best": best metric, "history": per-step records}.
     """
     rank, world = _dist()
@@ -283,7 +284,7 @@ def train(model: nn.Module, train_set: list[dict], eval_set: list[dict] | None, 
                     stop = True
             if args.save_every and (state.step % args.save_every == 0 or stop) and out_dir is not None:
                 if rank == 0:
-                    save_checkpoint(out_dir, model, optimizer, state.__dict__, keep_last=getattr(args, "save_total_limit", None))
+                    save_checkpoint(out_dir, model, optimizer, state.__dict__, keep_last=keep_last)
                 if world > 1:
                     dist.barrier()
             if stop or epoch_done:  # a new epoch needs its own batch order: recompute it

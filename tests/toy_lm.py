@@ -61,8 +61,7 @@ def args(**kw):
     base = dict(epochs=1, max_steps=None, batch_size=4, grad_accum=1, lr=1e-2, weight_decay=0.0, warmup_steps=0,
                 warmup_ratio=0.0, schedule="constant", min_lr_ratio=0.0, max_grad_norm=0.0, seed=0,
                 eval_every=None, save_every=None, early_stopping_patience=None, early_stopping_min_delta=0.0,
-                metric_for_best="auto", log_every=1, resume_from=None, device="cpu", precision="fp32",
-                save_total_limit=None)
+                metric_for_best="auto", log_every=1, resume_from=None, device="cpu", precision="fp32")
     base.update(kw)
     return SimpleNamespace(**base)
 

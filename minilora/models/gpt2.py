@@ -204,6 +204,13 @@ class GPT2LMHeadModel(nn.Module):
             tensor = tensor.t().contiguous()  # Conv1D (in, out) -> nn.Linear (out, in)
         return key, tensor
 
+    def export_checkpoint_tensor(self, key: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
+        """The inverse of convert_checkpoint_tensor: our (key, tensor) as transformers stores it."""
+        parts = key.split(".")
+        if parts[-1] == "weight" and len(parts) >= 2 and parts[-2] in _CONV1D_MODULES and tensor.ndim == 2:
+            tensor = tensor.t().contiguous()  # nn.Linear (out, in) -> Conv1D (in, out)
+        return key, tensor
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,

@@ -1,0 +1,95 @@
+"""From a TOML config to a trained adapter: what `minilora train` and `minilora eval` do.
+
+    config -> tokenizer -> datasets -> model (optionally 4-bit) -> LoRA -> train()
+           -> <output.dir>/adapter   (the best adapter, peft's format)
+              <output.dir>/config.toml, metrics.jsonl, run.json, loss.png
+
+Everything here is plumbing; the loop itself is minilora/train.py.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .adapters import load_adapter, save_adapter
+from .atomic import atomic_write_text
+from .batching import build_datasets
+from .config import Config
+from .inject import LoraConfig, inject
+from .loading import load_model
+from .summary import parameter_table
+from .tokenizer import load_tokenizer
+from .train import CLASSIFICATION, evaluate, train
+
+_TASK_TYPES = {"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM", "embedding": "FEATURE_EXTRACTION"}
+
+
+def _load(cfg: Config, num_labels: int | None):
+    kwargs = {}
+    if cfg.quant.method == "nf4":
+        kwargs = dict(quantize="nf4", double_quant=cfg.quant.double_quant, blocksize=cfg.quant.blocksize,
+                      compute_dtype=cfg.quant.compute_dtype)
+    model = load_model(cfg.model.path, task=cfg.model.task, dtype=cfg.model.dtype,
+                       num_labels=num_labels if cfg.model.task == CLASSIFICATION else None, **kwargs)
+    if cfg.model.gradient_checkpointing:
+        for module in model.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = True
+    return model
+
+
+def prepare(cfg: Config, log=print):
+    """Tokenizer, datasets and the (not yet adapted) model for a config."""
+    cfg.validate_paths()
+    tokenizer = load_tokenizer(cfg.model.path)
+    data = build_datasets(cfg, tokenizer)
+    for note in data.notes:
+        log(f"note: {note}")
+    num_labels = cfg.model.num_labels or (len(data.label_names) if data.label_names else None)
+    model = _load(cfg, num_labels)
+    return tokenizer, data, model, num_labels
+
+
+def lora_config(cfg: Config) -> LoraConfig:
+    section = cfg.lora
+    return LoraConfig(r=section.r, alpha=section.alpha, dropout=section.dropout,
+                      target_modules=section.target_modules, rslora=section.rslora,
+                      modules_to_save=section.modules_to_save, task_type=_TASK_TYPES.get(cfg.model.task))
+
+
+def run_training(cfg: Config, progress: bool = True, log=print) -> dict:
+    out = Path(cfg.output.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.toml", cfg.to_toml())
+    tokenizer, data, model, num_labels = prepare(cfg, log)
+    torch.manual_seed(cfg.train.seed)  # the adapter's initial A depends on it
+    inject(model, lora_config(cfg))
+    log(parameter_table(model))
+    log(f"train: {len(data.train.examples):,} examples, validation: {len(data.val.examples) if data.val else 0:,}")
+
+    start = time.perf_counter()
+    result = train(model, data.train.examples, data.val.examples if data.val else None, cfg.train,
+                   task=cfg.model.task, out_dir=out, pad_token_id=tokenizer.pad_token_id, num_labels=num_labels,
+                   progress=progress, keep_last=cfg.output.save_total_limit)
+    seconds = time.perf_counter() - start
+    save_adapter(model, out / "adapter", base_model_name_or_path=str(cfg.model.path))
+    summary = {"train_seconds": seconds, "steps": result["state"].step, "eval": result["eval"],
+               "best": result["best"], "best_step": result["state"].best_step, "label_names": data.label_names}
+    atomic_write_text(out / "run.json", json.dumps(summary, indent=1) + "\n")
+    log(f"done in {seconds:.0f} s; adapter: {out / 'adapter'}; final eval: {result['eval']}")
+    return {**summary, "model": model, "tokenizer": tokenizer}
+
+
+def run_eval(cfg: Config, adapter: str | None = None, log=print) -> dict:
+    tokenizer, data, model, num_labels = prepare(cfg, log)
+    if data.val is None or not data.val.examples:
+        raise ValueError("nothing to evaluate: set data.validation_file or data.validation_fraction > 0")
+    if adapter:
+        load_adapter(model, adapter)
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
+    return evaluate(model.to(device), data.val.examples, cfg.model.task, batch_size=cfg.train.batch_size,
+                    pad_token_id=tokenizer.pad_token_id, num_labels=num_labels, device=device)
