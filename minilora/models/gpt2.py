@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .kv_cache import KVCache, build_attention_mask
+from .kv_cache import KVCache, build_attention_mask, start_forward
 from .llama import CausalLMOutput, causal_lm_loss
 
 ACTIVATIONS = {
@@ -221,19 +221,9 @@ class GPT2LMHeadModel(nn.Module):
         use_cache: bool = False,
         inputs_embeds: torch.Tensor | None = None,
     ) -> CausalLMOutput:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        kv_cache, past, checkpointing = start_forward(self, input_ids, inputs_embeds, kv_cache, use_cache)
         tok = self.transformer.wte(input_ids) if inputs_embeds is None else inputs_embeds
         T = tok.shape[1]
-        if use_cache and kv_cache is None:
-            kv_cache = KVCache()
-        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        if checkpointing and kv_cache is not None:
-            raise ValueError(
-                "Gradient checkpointing re-runs each layer in backward, which would append to the "
-                "KV cache twice. Pass use_cache=False (and no kv_cache) while training."
-            )
-        past = kv_cache.seq_length if kv_cache is not None else 0
         if position_ids is None:
             if past + T > self.config.n_positions:
                 raise ValueError(

@@ -109,3 +109,20 @@ def build_attention_mask(
         # on the same, so pad positions come out identical to the reference.
         allowed = allowed & attention_mask.to(device=device, dtype=torch.bool)[:, None, :]
     return allowed[:, None]  # (batch, 1 head, q, k): broadcasts over heads
+
+
+def start_forward(model, input_ids, inputs_embeds, kv_cache, use_cache) -> tuple["KVCache | None", int, bool]:
+    """The decoder forward's shared first steps: (cache to use, its length, whether to
+    checkpoint layers). Checkpointing re-runs each layer in backward, which would
+    append to the cache twice, so the two cannot be combined."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+    if use_cache and kv_cache is None:
+        kv_cache = KVCache()
+    checkpointing = model.gradient_checkpointing and model.training and torch.is_grad_enabled()
+    if checkpointing and kv_cache is not None:
+        raise ValueError(
+            "Gradient checkpointing re-runs each layer in backward, which would append to the "
+            "KV cache twice. Pass use_cache=False (and no kv_cache) while training."
+        )
+    return kv_cache, (kv_cache.seq_length if kv_cache is not None else 0), checkpointing
