@@ -17,6 +17,8 @@ from .inject import (
 from .generation import generate
 from .loading import load_model
 from .lora import LoRALinear
+from .nf4 import NF4Weight, quantize_nf4
+from .nf4_linear import NF4Linear
 from .tokenizer import load_tokenizer
 
 __version__ = "0.1.0"
@@ -36,4 +38,7 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "generate",
+    "quantize_nf4",
+    "NF4Weight",
+    "NF4Linear",
 ]

@@ -2,12 +2,16 @@
 
 TRITON_INTERPRET must be set before any @triton.jit function is defined, so it is
 set here, before any test module imports minilora.kernels: CI has no GPU and runs
-the Triton kernels in the interpreter on the CPU.
+the Triton kernels in the interpreter on the CPU. With a GPU it stays unset.
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# On a GPU machine the kernels run for real (the CUDA tests compare them exactly).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # Oracles (transformers, peft) must never reach for a hub: everything is local.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
