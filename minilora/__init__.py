@@ -19,6 +19,7 @@ from .loading import load_model
 from .lora import LoRALinear
 from .nf4 import NF4Weight, quantize_nf4
 from .nf4_linear import NF4Linear
+from .quantize import quantize_folder
 from .tokenizer import load_tokenizer
 
 __version__ = "0.1.0"
@@ -41,4 +42,5 @@ __all__ = [
     "quantize_nf4",
     "NF4Weight",
     "NF4Linear",
+    "quantize_folder",
 ]

@@ -5,6 +5,7 @@
     minilora generate --model DIR [--adapter DIR] PROMPT
     minilora merge --model DIR --adapter DIR OUT
     minilora import-gguf FILE OUT_DIR
+    minilora quantize IN_DIR OUT_DIR
     minilora info DIR
     minilora demo
 
@@ -106,6 +107,16 @@ def _cmd_import_gguf(args) -> int:
     return 0
 
 
+def _cmd_quantize(args) -> int:
+    from .loading import resolve_dtype
+    from .quantize import quantize_folder
+
+    out = quantize_folder(args.in_dir, args.out_dir, blocksize=args.blocksize, double_quant=not args.no_double_quant,
+                          compute_dtype=resolve_dtype(args.compute_dtype))
+    print(f"wrote a 4-bit NF4 folder (bitsandbytes format) to {out}")
+    return 0
+
+
 def _cmd_info(args) -> int:
     from .info import describe
 
@@ -162,6 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="output folder")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.set_defaults(func=_cmd_import_gguf)
+
+    p = sub.add_parser("quantize", help="write a 4-bit NF4 copy of an HF folder in bitsandbytes' format")
+    p.add_argument("in_dir", help="HF model folder (16/32-bit safetensors)")
+    p.add_argument("out_dir", help="output folder (loads in minilora and in transformers + bitsandbytes)")
+    p.add_argument("--blocksize", type=int, default=64)
+    p.add_argument("--no-double-quant", action="store_true", help="keep absmax in fp32 (4.5 bits/param)")
+    p.add_argument("--compute-dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    p.set_defaults(func=_cmd_quantize)
 
     p = sub.add_parser("info", help="architecture, size, dtype and linear layers of a model folder")
     p.add_argument("dir", help="HF model folder")

@@ -16,6 +16,11 @@ The strategy keeps peak memory near ONE copy of the weights:
 4. Be strict: a parameter never filled or a checkpoint tensor with no place is
    an error, because a silently random layer is the worst kind of bug.
 
+QLoRA's 4-bit base is built the same way: with quantize="nf4" each linear weight
+of the transformer blocks is quantized as it is read and its meta nn.Linear swapped
+for an NF4Linear, and a bitsandbytes 4-bit folder is read into NF4Linear layers
+directly (minilora.quantize says what stays in 16/32 bits and why).
+
 We only read safetensors. A pickle file (pytorch_model.bin) can execute code
 when loaded, so we refuse it and say how to convert it.
 """
@@ -34,8 +39,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .paths import resolve_model_path
 from .models import TASKS, get_config_class, get_model_class
+from .nf4 import quantize_nf4
+from .paths import resolve_model_path
+from .quantize import (bnb_quantization, bnb_weight_groups, check_quantize_args, nf4_module_names, put_nf4,
+                       read_bnb_weight)  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -165,17 +173,77 @@ def _no_init():
             setattr(nn.init, name, fn)
 
 
-def _fill(model, shards, expected, tied, target_dtype, device):
+_CHUNK_BYTES = 32 << 20
+
+
+def _read_in_chunks(file: Path, key: str, shape, dtype, device) -> torch.Tensor:
+    """A big tensor read straight into its final buffer, rows at a time, each chunk through
+    its own short-lived mapping: memory holds the result plus one chunk, where a copy of a
+    whole mapped tensor would hold it twice (an embedding is often the largest tensor)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    step = max(1, out.shape[0] * _CHUNK_BYTES // max(1, out.numel() * out.element_size()))
+    for r0 in range(0, out.shape[0], step):
+        with safe_open(file, framework="pt") as f:
+            out[r0 : r0 + step].copy_(f.get_slice(key)[r0 : r0 + step])
+    return out
+
+
+def _fill(model, shards, expected, tied, target_dtype, device, nf4: dict | None = None):
     """Stream every checkpoint tensor into `model`, one at a time.
 
+    nf4 (quantization): {"quantize": our weight names to quantize, "groups": bitsandbytes
+    4-bit weights in the checkpoint (see minilora.quantize), "compute_dtype",
+    "source_dtype", "blocksize", "double_quant"}.
     Returns (our keys filled, checkpoint keys with no place, checkpoint keys the
     model dropped, the dtype the floating tensors ended up in)."""
     filled: set[str] = set()
     filled_by_tie: set[str] = set()
     unexpected, dropped = [], []
     loaded_dtype = None  # dtype for new heads when none is asked: the checkpoint's
+    nf4 = nf4 or {"quantize": set(), "groups": {}}
+    groups = nf4["groups"]
+    parts = {k for ks in groups.values() for k in ks}
+    locate = {k: file for file, keys in shards for k in keys}
+
+    def claim(ckpt_key, name, shape):
+        """Our name for this tensor, or None when it is a tied duplicate or has no place."""
+        tied_copy = name in tied
+        name = tied.get(name, name)
+        if name in filled:
+            if tied_copy or name in filled_by_tie:  # one matrix stored under both names
+                return None
+            raise ValueError(f"two checkpoint tensors map to {name!r} (the second is {ckpt_key!r})")
+        if name not in expected:
+            unexpected.append(ckpt_key)
+            return None
+        want = tuple(expected[name].shape)
+        if tuple(shape) != want:
+            hint = " (pass num_labels to match the checkpoint's classifier, or omit it)" if "classifier" in name else ""
+            raise ValueError(
+                f"shape mismatch for {ckpt_key!r} (our {name!r}): checkpoint {tuple(shape)}, "
+                f"model {want}; config.json does not describe these weights{hint}"
+            )
+        filled.add(name)
+        if tied_copy:
+            filled_by_tie.add(name)
+        return name
+
     for file, keys in shards:
         for ckpt_key in keys:
+            if ckpt_key in parts:
+                continue  # read together with its 4-bit weight
+            if ckpt_key in groups:  # a bitsandbytes 4-bit weight: packed bytes + their quant state
+                # The name only: a 1-D stand-in, so that no layout conversion (a transpose) applies.
+                converted = model.convert_checkpoint_tensor(ckpt_key, torch.empty(0, device="meta"))
+                if converted is None:
+                    dropped.append(ckpt_key)
+                    continue
+                weight = read_bnb_weight(locate, ckpt_key, groups[ckpt_key], device)
+                name = claim(ckpt_key, converted[0], weight.shape)
+                if name is not None:
+                    put_nf4(model, name, weight, nf4["compute_dtype"])
+                continue
+            deferred = None
             # One short-lived mapping per tensor: closing it drops the file pages just
             # read, so memory holds the model plus one tensor, not the whole file too.
             with safe_open(file, framework="pt") as f:
@@ -184,39 +252,31 @@ def _fill(model, shards, expected, tied, target_dtype, device):
                 if converted is None:
                     dropped.append(ckpt_key)
                     continue
-                name, tensor = converted
-                tied_copy = name in tied
-                name = tied.get(name, name)
-                if name in filled:
-                    if tied_copy or name in filled_by_tie:  # one matrix stored under both names
-                        continue
-                    raise ValueError(f"two checkpoint tensors map to {name!r} (the second is {ckpt_key!r})")
-                if name not in expected:
-                    unexpected.append(ckpt_key)
+                name = claim(ckpt_key, converted[0], converted[1].shape)
+                if name is None:
                     continue
-                want = tuple(expected[name].shape)
-                if tuple(tensor.shape) != want:
-                    hint = ""
-                    if "classifier" in name:
-                        hint = " (pass num_labels to match the checkpoint's classifier, or omit it)"
-                    raise ValueError(
-                        f"shape mismatch for {ckpt_key!r} (our {name!r}): checkpoint {tuple(tensor.shape)}, "
-                        f"model {want}; config.json does not describe these weights{hint}"
-                    )
+                tensor = converted[1]
+                if name in nf4["quantize"]:  # quantized as it is read: never whole in 16/32 bits
+                    src = tensor.to(device=device, dtype=nf4["source_dtype"] or tensor.dtype)
+                    put_nf4(model, name, quantize_nf4(src, nf4["blocksize"], nf4["double_quant"]), nf4["compute_dtype"])
+                    continue
                 # Integer tensors (ids, counters) keep their dtype whatever is asked.
                 floating = tensor.is_floating_point()
                 cast = target_dtype if target_dtype is not None and floating else tensor.dtype
                 if loaded_dtype is None and floating:
                     loaded_dtype = cast
-                out = tensor.to(device=device, dtype=cast)
-                if out.untyped_storage().data_ptr() == raw.untyped_storage().data_ptr():
-                    # Own memory, not a view of the file: a view would vanish with the
-                    # mapping, and rewriting the file would change the model under us.
-                    out = out.clone()
-                _put(model, name, out)
-                filled.add(name)
-                if tied_copy:
-                    filled_by_tie.add(name)
+                if tensor is raw and tensor.dim() > 0 and raw.numel() * raw.element_size() > 2 * _CHUNK_BYTES:
+                    deferred = (tuple(raw.shape), cast)
+                else:
+                    out = tensor.to(device=device, dtype=cast)
+                    if out.untyped_storage().data_ptr() == raw.untyped_storage().data_ptr():
+                        # Own memory, not a view of the file: a view would vanish with the
+                        # mapping, and rewriting the file would change the model under us.
+                        out = out.clone()
+                    _put(model, name, out)
+            if deferred is not None:
+                del raw, tensor, converted  # the mapping above must go before the chunks are read
+                _put(model, name, _read_in_chunks(file, ckpt_key, *deferred, device))
     return filled, unexpected, dropped, loaded_dtype
 
 
@@ -227,6 +287,10 @@ def load_model(
     device="cpu",
     num_labels: int | None = None,
     strict: bool = True,
+    quantize: str | None = None,
+    double_quant: bool = True,
+    blocksize: int = 64,
+    compute_dtype=None,
 ) -> nn.Module:
     """Build our model for `task` from a Hugging Face folder and fill it from safetensors.
 
@@ -234,6 +298,14 @@ def load_model(
     num_labels: classification only; defaults to the checkpoint config's label count.
     strict: missing or unexpected tensors raise (new classification heads excepted);
     with strict=False they are warned about and missing ones initialised.
+    quantize="nf4": QLoRA's base. Each linear layer of the transformer blocks is
+    quantized to NF4 (`blocksize`, `double_quant`) as its weight is read and becomes
+    an NF4Linear; embeddings, norms, biases and heads stay in `compute_dtype` (None or
+    "auto": `dtype`, else the checkpoint's), which is also what the 4-bit layers
+    compute in. See minilora.quantize for what is kept and why.
+    A bitsandbytes NF4 folder (config.json with a 4-bit `quantization_config`) loads
+    into NF4Linear layers without `quantize`; its files fix blocksize and double_quant,
+    and its bnb_4bit_compute_dtype is the default compute dtype.
     Returns the model in eval() mode; `model.newly_initialized_keys` lists what the
     checkpoint did not provide.
     """
@@ -252,6 +324,11 @@ def load_model(
         config = _with_num_labels(config, num_labels)
     target_dtype = resolve_dtype(dtype)
     device = torch.device(device)
+    check_quantize_args(quantize, blocksize)
+    prequantized = bnb_quantization(hf_config, model_dir)
+    compute = resolve_dtype(compute_dtype)
+    if compute is not None and quantize is None and prequantized is None:
+        raise ValueError("compute_dtype applies to 4-bit layers: pass quantize='nf4' too, or use dtype= alone")
     shards = checkpoint_shards(model_dir)
 
     with torch.device("meta"), _no_init():
@@ -260,7 +337,22 @@ def load_model(
     # Tied copies are not filled on their own: they will point at their source.
     expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in tied}
 
-    filled, unexpected, dropped, loaded_dtype = _fill(model, shards, expected, tied, target_dtype, device)
+    nf4 = None
+    if quantize is not None or prequantized is not None:
+        groups = bnb_weight_groups(k for _, keys in shards for k in keys)
+        if prequantized is not None and not groups:
+            raise ValueError(f"{model_dir / 'config.json'} declares bitsandbytes 4-bit weights, but the checkpoint "
+                             "holds no weight.quant_state.bitsandbytes__nf4 tensors; the folder is incomplete")
+        layer_dtype = compute or target_dtype
+        if layer_dtype is None and prequantized is not None:
+            layer_dtype = resolve_dtype(prequantized.get("bnb_4bit_compute_dtype"))
+        # A 4-bit folder is taken as it is: its files say which layers are 4-bit.
+        names = set() if prequantized else {n + ".weight" for n in nf4_module_names(model)}
+        nf4 = dict(quantize=names, groups=groups, compute_dtype=layer_dtype, source_dtype=target_dtype,
+                   blocksize=blocksize, double_quant=double_quant)
+        target_dtype = compute or target_dtype  # what stays in 16/32 bits is in the compute dtype
+
+    filled, unexpected, dropped, loaded_dtype = _fill(model, shards, expected, tied, target_dtype, device, nf4)
     if dropped:
         logger.info("ignored %d checkpoint tensors this model does not use: %s", len(dropped), _short(dropped))
 

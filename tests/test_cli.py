@@ -141,3 +141,16 @@ def test_gpt2_merge_writes_conv1d_layout_transformers_loads(tmp_path):
     save_pretrained(ours, tmp_path / "base", tmp_path / "merged", task="causal-lm")
     merged = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
     torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_qlora_config_trains_on_a_4bit_base(run_config, tiny_bert, tmp_path):
+    """quant.method = "nf4": the base's block linears load as NF4Linear, LoRA trains on them."""
+    proc = run("train", run_config, "--no-progress", "--set", "quant.method=nf4", "--set", f"output.dir={tmp_path}/q")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "q" / "run.json").read_text())["steps"] == 10
+    proc = run("quantize", tiny_bert, tmp_path / "q4")
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((tmp_path / "q4" / "config.json").read_text())["quantization_config"]
+    assert config["load_in_4bit"] and config["bnb_4bit_quant_type"] == "nf4"
+    model = minilora.load_model(tmp_path / "q4", task="sequence-classification")
+    assert isinstance(model.bert.encoder.layer[0].attention.self.query, minilora.NF4Linear)
