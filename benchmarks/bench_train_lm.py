@@ -1,0 +1,349 @@
+"""LoRA training steps on SmolLM2-135M-Instruct (fp32, CPU): minilora against transformers + peft.
+
+    .venv/bin/python benchmarks/bench_train_lm.py                   # 5 timed steps per run
+    .venv/bin/python benchmarks/bench_train_lm.py --repeats 2
+    .venv/bin/python benchmarks/bench_train_lm.py --steps 1 --seq-len 64    # smoke test
+
+What is trained. LoRA r=16, alpha=32, dropout 0.05 on every linear layer of attention
+and MLP (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj), fp32 weights,
+AdamW lr 2e-4 (weight decay 0), on Alpaca rows (/work/shared/data/alpaca/alpaca_5000.json)
+rendered with the model's chat template, loss on the response tokens only. Each step is
+one batch of 4 rows x 256 tokens: rows whose chat rendering has at least 256 tokens,
+truncated to 256, so every step processes exactly 1,024 real tokens (no padding; the
+attention mask is all ones). The batches are built ONCE in the parent with minilora's
+tokenizer and data code (chat_examples) and saved to a temporary safetensors file that
+every child reads, so both stacks see identical input_ids / attention_mask / labels.
+
+- minilora: load_model + inject, a hand-written step: minilora.train.loss_sum (summed
+  token cross-entropy) / target_count, backward, AdamW from minilora.train.make_optimizer,
+  zero_grad(set_to_none=True); this is what minilora.train.train() does per step, minus
+  gradient clipping, scheduling and logging.
+- hf: AutoModelForCausalLM.from_pretrained(dtype=float32) + peft get_peft_model with
+  the same LoraConfig; the same step with the model's own loss (labels=..., use_cache=False)
+  and torch AdamW over the trainable parameters.
+- gradient checkpointing off and on: minilora sets `gradient_checkpointing = True` on
+  the modules that have it (as minilora.run does); transformers gets
+  gradient_checkpointing_enable(use_reentrant=False) + enable_input_require_grads().
+
+How it is measured. First a check: one fresh process per stack computes the loss of the
+first batch with the adapter injected (B = 0, so it is the base model's loss) and the
+two must agree to 1e-4; the timed runs report the loss of their warm-up step too, and
+those are checked the same way. Then every (stack, checkpointing) combination runs in
+its own FRESH process: load, inject, one warm-up step (not timed), then --steps timed
+steps (perf_counter around forward + loss + backward + optimizer step); the child reports
+the median seconds per step, tokens/s = tokens per step / median, and at its end
+
+    peak RSS  getrusage(RUSAGE_SELF).ru_maxrss: the largest resident set of the process
+              (libraries, weights, activations, gradients, optimizer state), in MB;
+    above baseline  peak RSS minus the RSS right after the imports.
+
+Runs are interleaved: minilora-off, hf-off, minilora-on, hf-on, and with --repeats 2
+that list again reversed; the table shows medians over repeats. Results:
+benchmarks/results/train_lm-<host>-<date>.json. Goals (printed, never asserted):
+tokens/s minilora/hf >= 1.5x and peak RSS minilora/hf <= 0.8x, per checkpointing mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+try:
+    from . import common
+except ImportError:  # run as a script: benchmarks/ is sys.path[0]
+    import common
+
+ALPACA = Path("/work/shared/data/alpaca/alpaca_5000.json")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": TARGETS}
+LR = 2e-4
+SEED = 0
+STACKS = ("minilora", "hf")
+GOALS = {"tokens_per_s_ratio": 1.5, "peak_rss_ratio": 0.8}
+LOSS_TOLERANCE = 1e-4
+
+
+# --------------------------------------------------------------------------- children
+
+
+def _minilora_setup(job: dict, checkpointing: bool):
+    import torch
+
+    from minilora.inject import LoraConfig, inject
+    from minilora.loading import load_model
+    from minilora.train import loss_sum, make_optimizer, target_count
+
+    model = load_model(job["model_dir"], task="causal-lm", dtype=torch.float32)
+    torch.manual_seed(SEED)
+    inject(model, LoraConfig(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"],
+                             target_modules=LORA["target_modules"], task_type="CAUSAL_LM"))
+    if checkpointing:
+        for module in model.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = True
+    model.train()
+
+    def loss_of(batch):
+        total, _ = loss_sum(model, batch, "causal-lm")
+        return total / target_count(batch, "causal-lm")
+
+    return model, loss_of, lambda: make_optimizer(model, LR, 0.0, torch.device("cpu"))
+
+
+def _hf_setup(job: dict, checkpointing: bool):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=torch.float32)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    torch.manual_seed(SEED)
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=LORA["r"], lora_alpha=LORA["alpha"],
+                                             lora_dropout=LORA["dropout"], target_modules=LORA["target_modules"]))
+    model.train()
+
+    def loss_of(batch):
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     labels=batch["labels"], use_cache=False).loss
+
+    def optimizer():
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
+
+    return model, loss_of, optimizer
+
+
+def child(mode: str, stack: str, checkpointing: str, job_path: str) -> dict:
+    """mode "check": the loss of batch 0, no training; mode "time": warm-up + timed steps."""
+    t_start = time.perf_counter()
+    import torch
+    from safetensors.torch import load_file
+
+    # Import the stack and its model code before reading the baseline, so that the
+    # baseline holds the libraries and "above baseline" only what the run allocates.
+    if stack == "minilora":
+        import minilora.loading  # noqa: F401
+        import minilora.models.llama  # noqa: F401
+        import minilora.train  # noqa: F401
+        setup = _minilora_setup
+    else:
+        import peft  # noqa: F401
+        import transformers.models.llama.modeling_llama  # noqa: F401  (transformers imports it lazily)
+        setup = _hf_setup
+    baseline = common.rss_mb()
+    job = json.loads(Path(job_path).read_text())
+    data = load_file(job["batches"])
+    n_batches = data["input_ids"].shape[0]
+    batches = [{k: v[i].contiguous() for k, v in data.items()} for i in range(n_batches)]
+    model, loss_of, make_opt = setup(job, checkpointing == "on")
+    row = {"stack": stack, "checkpointing": checkpointing, "baseline_rss_mb": baseline,
+           "torch_threads": torch.get_num_threads()}
+
+    if mode == "check":
+        with torch.no_grad():
+            row["first_loss"] = float(loss_of(batches[0]))
+    else:
+        optimizer = make_opt()
+
+        def step(batch) -> float:
+            loss = loss_of(batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return float(loss.detach())
+
+        row["first_loss"] = step(batches[0])  # warm-up, not timed
+        times, losses = [], []
+        for i in range(job["steps"]):
+            t0 = time.perf_counter()
+            losses.append(step(batches[(i + 1) % n_batches]))
+            times.append(time.perf_counter() - t0)
+        s = statistics.median(times)
+        row.update(step_s=s, step_s_all=times, tokens_per_s=job["tokens_per_step"] / s, losses=losses)
+    peak = common.peak_rss_mb()
+    row.update(peak_rss_mb=peak, peak_above_baseline_mb=peak - baseline, total_s=time.perf_counter() - t_start)
+    return row
+
+
+# --------------------------------------------------------------------------- parent
+
+
+def default_model_dir() -> Path:
+    sys.path.insert(0, str(common.ROOT / "tests"))
+    from helpers_smollm import smollm2_hf_dir  # converts the GGUF once per machine, then cached
+
+    return smollm2_hf_dir()
+
+
+def build_batches(model_dir: Path, n_batches: int, batch_size: int, seq_len: int, out: Path) -> dict:
+    """Batches of Alpaca rows with >= seq_len tokens (cut to seq_len), saved for the children."""
+    import torch
+    from safetensors.torch import save_file
+
+    from minilora.batching import chat_examples
+    from minilora.data import IGNORE_INDEX, read_instructions
+    from minilora.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    conversations = read_instructions(ALPACA)
+    want = n_batches * batch_size
+    rows, scanned = [], 0
+    for start in range(0, len(conversations), 500):
+        chunk = conversations[start:start + 500]
+        scanned += len(chunk)
+        # chat_examples cuts to seq_len and drops rows with no answer token left.
+        for e in chat_examples(tokenizer, chunk, seq_len).examples:
+            if len(e["input_ids"]) == seq_len and any(x != IGNORE_INDEX for x in e["labels"][1:]):
+                rows.append(e)
+        if len(rows) >= want:
+            break
+    rows = rows[:len(rows) // batch_size * batch_size][:want]
+    if not rows:
+        raise SystemExit(f"fewer than {batch_size} Alpaca rows reach {seq_len} tokens; lower --seq-len")
+    ids = torch.tensor([e["input_ids"] for e in rows]).view(-1, batch_size, seq_len)
+    labels = torch.tensor([e["labels"] for e in rows]).view(-1, batch_size, seq_len)
+    save_file({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}, str(out))
+    return {"n_batches": ids.shape[0], "rows_scanned": scanned, "target_tokens_per_batch":
+            [int((b[:, 1:] != IGNORE_INDEX).sum()) for b in labels]}
+
+
+def summarize(runs: list[dict]) -> dict:
+    first = runs[0]
+    row = {"stack": first["stack"], "checkpointing": first["checkpointing"], "runs": len(runs)}
+    for k in ("step_s", "tokens_per_s", "peak_rss_mb", "peak_above_baseline_mb", "baseline_rss_mb", "total_s"):
+        row[k] = common.median(r[k] for r in runs)
+    row["step_s_all"] = [t for r in runs for t in r["step_s_all"]]
+    row["peak_rss_mb_all"] = [r["peak_rss_mb"] for r in runs]
+    return row
+
+
+def check_losses(values: dict[str, float]) -> tuple[bool, float]:
+    """All first-step losses within LOSS_TOLERANCE of each other: (ok, largest difference)."""
+    spread = max(values.values()) - min(values.values())
+    return spread <= LOSS_TOLERANCE, spread
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=5, help="timed steps per run, after one warm-up step")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per row")
+    p.add_argument("--batch-size", type=int, default=4, help="rows per step")
+    p.add_argument("--repeats", type=int, default=1, help="fresh processes per combination (medians reported)")
+    p.add_argument("--stacks", default="minilora,hf", help="comma-separated")
+    p.add_argument("--checkpointing", default="off,on", help="gradient checkpointing modes to run: off,on")
+    p.add_argument("--model-dir", type=Path, default=None, help="HF folder (default: the converted SmolLM2)")
+    p.add_argument("--skip-check", action="store_true", help="skip the separate first-loss check processes")
+    p.add_argument("--no-save", action="store_true", help="print only; write no JSON")
+    p.add_argument("--child", nargs=4, metavar=("MODE", "STACK", "CKPT", "JOB"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.stacks = [s.strip() for s in args.stacks.split(",") if s.strip()]
+    args.checkpointing = [c.strip() for c in args.checkpointing.split(",") if c.strip()]
+    if not set(args.stacks) <= set(STACKS) or not set(args.checkpointing) <= {"off", "on"}:
+        p.error(f"--stacks takes {', '.join(STACKS)}; --checkpointing takes off,on")
+    return args
+
+
+def main(argv=None) -> dict | None:
+    args = parse_args(argv)
+    if args.child:
+        common.print_result(child(*args.child))
+        return None
+
+    script = Path(__file__).resolve()
+    model_dir = args.model_dir or default_model_dir()
+    combos = [(stack, ckpt) for ckpt in args.checkpointing for stack in args.stacks]
+    order = common.interleaved_order(combos, args.repeats)
+    tokens_per_step = args.batch_size * args.seq_len
+    runs: dict[tuple, list[dict]] = {c: [] for c in combos}
+    with tempfile.TemporaryDirectory(prefix="bench-lm-") as tmp:
+        batch_file = Path(tmp) / "batches.safetensors"
+        data = build_batches(model_dir, 1 + args.steps, args.batch_size, args.seq_len, batch_file)
+        job = {"model_dir": str(model_dir), "batches": str(batch_file), "steps": args.steps,
+               "tokens_per_step": tokens_per_step}
+        job_path = Path(tmp) / "job.json"
+        job_path.write_text(json.dumps(job))
+        print(f"SmolLM2-135M-Instruct fp32, LoRA r={LORA['r']} alpha={LORA['alpha']} dropout={LORA['dropout']} "
+              f"on {', '.join(TARGETS)}; AdamW lr {LR}")
+        print(f"batches: {data['n_batches']} distinct of {args.batch_size} x {args.seq_len} tokens "
+              f"(Alpaca rows >= {args.seq_len} tokens, cut; {data['target_tokens_per_batch']} answer tokens each); "
+              f"{args.steps} timed step(s) after 1 warm-up")
+
+        check = {}
+        if not args.skip_check:
+            for stack in args.stacks:
+                check[stack] = common.run_child(script, ["check", stack, "off", str(job_path)], f"{stack} check")
+            values = {s: r["first_loss"] for s, r in check.items()}
+            ok, spread = check_losses(values)
+            print("first-batch loss (adapter B = 0): " + ", ".join(f"{s} {v:.6f}" for s, v in values.items())
+                  + f"; spread {spread:.2e} (tolerance {LOSS_TOLERANCE:g}): {'OK' if ok else 'MISMATCH'}")
+            if not ok:
+                print("WARNING: the stacks do not compute the same loss; the timings below compare different work")
+
+        print(f"run order: {', '.join(f'{s}-{c}' for s, c in order)}")
+        for i, (stack, ckpt) in enumerate(order, 1):
+            row = common.run_child(script, ["time", stack, ckpt, str(job_path)], f"{stack} checkpointing {ckpt}")
+            runs[(stack, ckpt)].append(row)
+            print(f"  [{i}/{len(order)}] {stack:<8} checkpointing {ckpt:<3}  {row['step_s']:.2f} s/step  "
+                  f"{row['tokens_per_s']:.0f} tok/s  peak RSS {row['peak_rss_mb']:.0f} MB  "
+                  f"first loss {row['first_loss']:.6f}", flush=True)
+
+    first_losses = {f"{s}-{c}-{k}": r["first_loss"] for (s, c), rs in runs.items() for k, r in enumerate(rs)}
+    timed_ok, timed_spread = check_losses(first_losses)
+    print(f"warm-up (first-step) losses of all timed runs: spread {timed_spread:.2e}: {'OK' if timed_ok else 'MISMATCH'}")
+
+    rows = [summarize(runs[c]) for c in combos]
+    print()
+    common.print_table(rows, [
+        ("stack", "stack", "s"), ("checkpointing", "checkpointing", "s"), ("step_s", "s/step", ".2f"),
+        ("tokens_per_s", "tokens/s", ".0f"), ("peak_rss_mb", "peak RSS MB", ".0f"),
+        ("peak_above_baseline_mb", "above baseline MB", ".0f"), ("baseline_rss_mb", "baseline MB", ".0f")])
+    print(f"medians over {args.repeats} fresh process(es) x {args.steps} step(s); tokens/s = {tokens_per_step} / "
+          "median s per step; peak RSS = ru_maxrss of the child")
+
+    ratios, verdicts = {}, {}
+    by = {(r["stack"], r["checkpointing"]): r for r in rows}
+    for ckpt in args.checkpointing:
+        ours, hf = by.get(("minilora", ckpt)), by.get(("hf", ckpt))
+        if not ours or not hf:
+            continue
+        tps = common.ratio(ours["tokens_per_s"], hf["tokens_per_s"])
+        rss = common.ratio(ours["peak_rss_mb"], hf["peak_rss_mb"])
+        above = common.ratio(ours["peak_above_baseline_mb"], hf["peak_above_baseline_mb"])
+        ratios[ckpt] = {"tokens_per_s": tps, "peak_rss": rss, "peak_above_baseline": above}
+        verdicts[ckpt] = {"tokens_per_s": tps >= GOALS["tokens_per_s_ratio"], "peak_rss": rss <= GOALS["peak_rss_ratio"]}
+        print(f"checkpointing {ckpt:<3} minilora / hf: tokens/s {tps:.2f}x (goal >= {GOALS['tokens_per_s_ratio']}x: "
+              f"{'meets' if verdicts[ckpt]['tokens_per_s'] else 'MISSES'}), peak RSS {rss:.2f}x "
+              f"(goal <= {GOALS['peak_rss_ratio']}x: {'meets' if verdicts[ckpt]['peak_rss'] else 'MISSES'}), "
+              f"above baseline {above:.2f}x")
+
+    record = {
+        "benchmark": "train_lm",
+        **common.environment(),
+        "model_dir": str(model_dir),
+        "settings": {"lora": LORA, "lr": LR, "seed": SEED, "batch_size": args.batch_size, "seq_len": args.seq_len,
+                     "tokens_per_step": tokens_per_step, "steps": args.steps, "repeats": args.repeats,
+                     "dtype": "float32", "data": str(ALPACA), **data},
+        "run_order": [f"{s}-{c}" for s, c in order],
+        "loss_check": {"tolerance": LOSS_TOLERANCE, "check_runs": {s: r["first_loss"] for s, r in check.items()},
+                       "timed_runs": first_losses, "ok": timed_ok and (not check or check_losses(
+                           {s: r["first_loss"] for s, r in check.items()})[0])},
+        "goals": GOALS, "results": rows, "ratios_minilora_over_hf": ratios, "goals_met": verdicts,
+        "check_children": check,
+        "runs": {f"{s}-{c}": rs for (s, c), rs in runs.items()},
+    }
+    if not args.no_save:
+        # A smoke test (other shapes) never overwrites a full run's file.
+        name = "train_lm" if (args.batch_size, args.seq_len) == (4, 256) else f"train_lm-{args.batch_size}x{args.seq_len}"
+        path = common.write_results(name, record)
+        print(f"wrote {path.relative_to(common.ROOT)}")
+    return record
+
+
+if __name__ == "__main__":
+    main()
