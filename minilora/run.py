@@ -74,7 +74,8 @@ def run_training(cfg: Config, progress: bool = True, log=print) -> dict:
     start = time.perf_counter()
     result = train(model, data.train.examples, data.val.examples if data.val else None, cfg.train,
                    task=cfg.model.task, out_dir=out, pad_token_id=tokenizer.pad_token_id, num_labels=num_labels,
-                   progress=progress, keep_last=cfg.output.save_total_limit)
+                   progress=progress, keep_last=cfg.output.save_total_limit,
+                   group_by_length=cfg.data.group_by_length)
     seconds = time.perf_counter() - start
     save_adapter(model, out / "adapter", base_model_name_or_path=str(cfg.model.path))
     summary = {"train_seconds": seconds, "steps": result["state"].step, "eval": result["eval"],

@@ -105,9 +105,12 @@ def loss_sum(model: nn.Module, batch: dict, task: str) -> tuple[torch.Tensor, to
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     if task == CLASSIFICATION:
         return F.cross_entropy(logits.float(), batch["labels"], reduction="sum"), logits
-    # Token t predicts token t+1; -100 marks prompt and padding positions.
-    shift_logits = logits[:, :-1].float().reshape(-1, logits.size(-1))
-    return F.cross_entropy(shift_logits, batch["labels"][:, 1:].reshape(-1), ignore_index=-100, reduction="sum"), logits
+    # Token t predicts token t+1; -100 marks prompt and padding positions. Shifting
+    # the labels (small) rather than slicing the logits (batch x seq x vocab) avoids a
+    # copy of the largest tensor of the step.
+    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100,
+                           reduction="sum"), logits
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -174,11 +177,13 @@ def _plot_loss(out_dir: Path, history: list) -> None:
 
 def train(model: nn.Module, train_set: list[dict], eval_set: list[dict] | None, args, *, task: str,
           out_dir: str | os.PathLike | None = None, pad_token_id: int = 0, padding_side: str = "right",
-          num_labels: int | None = None, progress: bool = True, keep_last: int | None = None) -> dict:
+          num_labels: int | None = None, progress: bool = True, keep_last: int | None = None,
+          group_by_length: bool = True) -> dict:
     """Fine-tune the trainable parameters of `model` (its LoRA adapter) in place.
 
     `args` carries the [train] settings (see minilora.config.TrainSection); `keep_last`
-    limits how many checkpoints stay on disk. Returns
+    limits how many checkpoints stay on disk; `group_by_length` batches similar
+    lengths together (less padding). Returns
     {"state": TrainState, "eval": last metrics, "best": best metric, "history": per-step records}.
     """
     rank, world = _dist()
@@ -201,7 +206,8 @@ def train(model: nn.Module, train_set: list[dict], eval_set: list[dict] | None, 
 
     lengths = [len(e["input_ids"]) for e in train_set]
     global_batch = args.batch_size * world
-    groups_per_epoch = math.ceil(len(make_batches(lengths, global_batch, args.seed, 0)) / args.grad_accum)
+    batches_of = lambda epoch: make_batches(lengths, global_batch, args.seed, epoch, group_by_length=group_by_length)
+    groups_per_epoch = math.ceil(len(batches_of(0)) / args.grad_accum)
     total_steps = args.max_steps or args.epochs * groups_per_epoch
     warmup = warmup_steps_for(total_steps, args.warmup_steps, args.warmup_ratio)
     higher_is_better = args.metric_for_best in ("accuracy", "macro_f1") or (
@@ -237,7 +243,7 @@ def train(model: nn.Module, train_set: list[dict], eval_set: list[dict] | None, 
     last_eval, last_eval_step, stop = None, -1, False
     tokens, t0 = 0, time.perf_counter()
     while state.step < total_steps and not stop:
-        batches = shard_batches(make_batches(lengths, global_batch, args.seed, state.epoch), rank, world)
+        batches = shard_batches(batches_of(state.epoch), rank, world)
         groups = [batches[i:i + args.grad_accum] for i in range(0, len(batches), args.grad_accum)]
         while state.group_in_epoch < len(groups) and state.step < total_steps:
             micro = [_to(collate([train_set[i] for i in idx], pad_token_id, padding_side), device)
@@ -249,7 +255,7 @@ def train(model: nn.Module, train_set: list[dict], eval_set: list[dict] | None, 
                 sync = contextlib.nullcontext() if world == 1 or k == len(micro) - 1 else ddp.no_sync()
                 with sync:
                     with autocast():
-                        loss, _ = loss_sum(ddp, batch, task)
+                        loss = loss_sum(ddp, batch, task)[0]  # logits not kept alive through backward
                     (loss * (world / max(n, 1.0))).backward()
                 group_loss += loss.item()
                 tokens += int(batch["attention_mask"].sum())

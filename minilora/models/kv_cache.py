@@ -89,6 +89,9 @@ def build_attention_mask(
     """
     k_len = past_len + q_len
     window_bites = sliding_window is not None and k_len > sliding_window
+    if attention_mask is not None and past_len == 0 and not window_bites and bool(attention_mask.all()):
+        # Nothing is padded: SDPA's is_causal is exact, faster, and stores no mask.
+        attention_mask = None
     if attention_mask is None and not window_bites and (past_len == 0 or q_len == 1):
         return None
     if attention_mask is not None and attention_mask.shape[-1] != k_len:

@@ -231,16 +231,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
-def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """(B, kv_heads, L, D) -> (B, kv_heads * groups, L, D): kv head j serves query
-    heads j*groups .. j*groups + groups-1. An explicit expand works with every SDPA
-    kernel and any mask, which SDPA's enable_gqa does not guarantee."""
-    if groups == 1:
-        return x
-    B, H, L, D = x.shape
-    return x[:, :, None].expand(B, H, groups, L, D).reshape(B, H * groups, L, D)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -278,9 +268,11 @@ class LlamaAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
         groups = self.n_heads // self.n_kv_heads
+        # enable_gqa lets each kv head serve its `groups` query heads without copying K
+        # and V to every head (a copy autograd would also keep for backward).
         y = F.scaled_dot_product_attention(
-            q, repeat_kv(k, groups), repeat_kv(v, groups), attn_mask=mask, is_causal=mask is None and T > 1,
-            dropout_p=self.dropout if self.training else 0.0,
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=groups > 1,
         )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
