@@ -55,6 +55,11 @@ import sys
 import time
 from pathlib import Path
 
+try:  # run as a script (python benchmarks/x.py) or imported as benchmarks.x
+    from . import common
+except ImportError:
+    import common
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 ROWS = [("minilora", "float32"), ("transformers", "float32"), ("minilora", "bfloat16"), ("transformers", "bfloat16"),
@@ -214,15 +219,7 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def device_name() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu: {model} ({os.cpu_count()} logical CPUs)"
+    return f"cpu: {common.cpu_model()} ({os.cpu_count()} logical CPUs)"
 
 
 def print_table(rows: list[dict]) -> None:

@@ -24,6 +24,11 @@ import sys
 import time
 from pathlib import Path
 
+try:  # run as a script (python benchmarks/x.py) or imported as benchmarks.x
+    from . import common
+except ImportError:
+    import common
+
 ROOT = Path(__file__).resolve().parent
 
 
@@ -65,15 +70,7 @@ def sync(device):
 def device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} ({os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()})"
+    return f"{common.cpu_model()} ({os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()})"
 
 
 def stats_bytes(w: NF4Weight) -> int:
