@@ -6,7 +6,7 @@
 
 What is trained. LoRA r=16, alpha=32, dropout 0.05 on every linear layer of attention
 and MLP (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj), fp32 weights,
-AdamW lr 2e-4 (weight decay 0), on Alpaca rows (/work/shared/data/alpaca/alpaca_5000.json)
+AdamW lr 2e-4 (weight decay 0), on Alpaca rows (../shared/data/alpaca/alpaca_5000.json)
 rendered with the model's chat template, loss on the response tokens only. Each step is
 one batch of 4 rows x 256 tokens: rows whose chat rendering has at least 256 tokens,
 truncated to 256, so every step processes exactly 1,024 real tokens (no padding; the
@@ -58,7 +58,7 @@ try:
 except ImportError:  # run as a script: benchmarks/ is sys.path[0]
     import common
 
-ALPACA = Path("/work/shared/data/alpaca/alpaca_5000.json")
+ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca" / "alpaca_5000.json"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": TARGETS}
 LR = 2e-4

@@ -16,7 +16,8 @@ from minilora import batching, data
 from minilora.config import config_from_dict
 from minilora.tokenizer import Tokenizer, load_tokenizer
 
-DATA = Path("/work/shared/data")
+# The shared data sits beside the repository (../shared/data), wherever it is cloned.
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 if not DATA.is_dir():  # the layout the data README describes: ../shared/data from the project root
     DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SST2_DEV, SST2_TRAIN = DATA / "sst2" / "dev.tsv", DATA / "sst2" / "train.tsv"
