@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 import minilora
 from minilora import LoraConfig, inject, load_adapter, save_adapter
 from minilora.inject import lora_layers
-from test_lora_peft import copy_into_peft, peft_twin, randomize_adapters
+from test_lora_peft import adapted_twins, randomize_adapters
 from tiny_models import batch, tiny_bert_cls, tiny_llama
 
 TOL = dict(rtol=1e-6, atol=1e-6)
@@ -121,11 +121,7 @@ def test_merge_unmerge_restores_base_and_merged_equals_unmerged():
 def test_merged_weights_equal_peft_merge_and_unload():
     base = tiny_llama()
     config = LoraConfig(r=4, alpha=8, target_modules=["q_proj", "o_proj"])
-    ours = copy.deepcopy(base)
-    inject(ours, config)
-    randomize_adapters(ours)
-    theirs = peft_twin(base, config)
-    copy_into_peft(ours, theirs)
+    ours, theirs = adapted_twins(base, config)
     merged_theirs = theirs.merge_and_unload()
     merged_ours = minilora.remove_lora(ours, merge=True)
     assert not lora_layers(merged_ours)

@@ -55,6 +55,16 @@ def copy_into_peft(ours, peft_model):
             theirs[peft_key].copy_(value)
 
 
+def adapted_twins(base, config: LoraConfig, seed=0):
+    """(ours, peft's) copies of `base` adapted by `config`, holding the same non-zero A and B."""
+    ours = copy.deepcopy(base)
+    inject(ours, config)
+    randomize_adapters(ours, seed=seed)
+    theirs = peft_twin(base, config)
+    copy_into_peft(ours, theirs)
+    return ours, theirs
+
+
 def trainable(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -93,11 +103,7 @@ def test_trainable_count_matches_peft_on_classifier_with_new_head():
 def test_forward_and_gradients_match_peft_causal_lm(r, rslora):
     base = tiny_llama()
     config = LoraConfig(r=r, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"], rslora=rslora)
-    ours = copy.deepcopy(base)
-    inject(ours, config)
-    randomize_adapters(ours, seed=r)
-    theirs = peft_twin(base, config)
-    copy_into_peft(ours, theirs)
+    ours, theirs = adapted_twins(base, config, seed=r)
 
     inputs = batch()
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
@@ -127,11 +133,7 @@ def test_forward_and_gradients_match_peft_causal_lm(r, rslora):
 def test_forward_and_gradients_match_peft_classifier(r):
     base = tiny_bert_cls()
     config = LoraConfig(r=r, alpha=2 * r, target_modules=["query", "value", "dense"], task_type="SEQ_CLS")
-    ours = copy.deepcopy(base)
-    inject(ours, config)
-    randomize_adapters(ours, seed=r)
-    theirs = peft_twin(base, config)
-    copy_into_peft(ours, theirs)
+    ours, theirs = adapted_twins(base, config, seed=r)
 
     inputs = batch()
     labels = torch.tensor([0, 1, 1])
@@ -153,13 +155,10 @@ def test_forward_and_gradients_match_peft_classifier(r):
 def test_fp32_adapter_on_bf16_base_matches_peft():
     base = tiny_llama().to(torch.bfloat16)
     config = LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
-    ours = copy.deepcopy(base)
-    inject(ours, config)
-    randomize_adapters(ours)
+    # peft's default autocast_adapter_dtype also keeps adapters in fp32.
+    ours, theirs = adapted_twins(base, config)
     layer = ours.model.layers[0].self_attn.q_proj
     assert layer.lora_A.weight.dtype == torch.float32 and layer.base_layer.weight.dtype == torch.bfloat16
-    theirs = peft_twin(base, config)  # peft's default autocast_adapter_dtype also keeps adapters in fp32
-    copy_into_peft(ours, theirs)
     inputs = batch()
     logits = ours(**inputs).logits
     assert logits.dtype == torch.bfloat16
