@@ -22,12 +22,8 @@ import sys
 from pathlib import Path
 
 
-class UserError(Exception):
-    """A mistake the user can fix; reported as one line, exit code 2."""
-
-
 # Exceptions that mean "the input was wrong", not "minilora is broken".
-USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError)
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError)
 
 
 def _cmd_demo(args) -> int:
