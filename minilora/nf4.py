@@ -48,6 +48,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from .hugepages import empty_huge
+
 NF4_CODE_VALUES = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
     -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
@@ -375,7 +377,8 @@ def _check_out(out, w: NF4Weight, dtype) -> torch.Tensor:
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"NF4 dequantizes to float32, float16 or bfloat16, not {dtype}")
     if out is None:
-        return torch.empty(w.shape, dtype=dtype, device=w.device)
+        # Page faults on a fresh 4 KiB-paged tensor cost more than the decoding itself.
+        return empty_huge(w.shape, dtype=dtype, device=w.device)
     if out.dtype != dtype or out.numel() != w.numel() or out.device != w.device or not out.is_contiguous():
         raise ValueError(
             f"out must be a contiguous {dtype} tensor with {w.numel()} elements on {w.device}; "
