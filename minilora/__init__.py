@@ -7,11 +7,15 @@ from .adapters import load_adapter, save_adapter
 from .inject import (
     LoraConfig,
     count_parameters,
+    delete_adapter,
+    disable_adapters,
     inject,
     lora_state_dict,
     merge_lora,
+    mixed_batch,
     print_trainable_parameters,
     remove_lora,
+    set_adapter,
     unmerge_lora,
 )
 from .generation import generate
@@ -36,6 +40,10 @@ __all__ = [
     "print_trainable_parameters",
     "save_adapter",
     "load_adapter",
+    "set_adapter",
+    "delete_adapter",
+    "disable_adapters",
+    "mixed_batch",
     "load_model",
     "load_tokenizer",
     "generate",

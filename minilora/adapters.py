@@ -6,12 +6,14 @@ An adapter folder holds two files:
                                   "target_modules": [...], ...}
     adapter_model.safetensors    base_model.model.<module path>.lora_A.weight  (r x in)
                                  base_model.model.<module path>.lora_B.weight  (out x r)
+                                 base_model.model.<module path>.lora_magnitude_vector  (out; DoRA only)
                                  base_model.model.<module path>.<param>        (modules_to_save)
 
 `base_model.model.` is the prefix peft's wrapper classes put in front of the
-wrapped model's own names; the adapter name ("default") is left out of saved keys,
-as peft does. Both files are written atomically. Loading checks every key and shape
-against the model before touching it, so a bad file changes nothing.
+wrapped model's own names; the adapter name is left out of saved keys, as peft
+does: one folder holds one adapter, and `name=` says which one to save or what to
+call the one loaded. Both files are written atomically. Loading checks every key and
+shape against the model before touching it, so a bad file changes nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +28,16 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .atomic import atomic_write, atomic_write_text
-from .inject import LoraConfig, get_lora_config, inject, lora_state_dict, resolve_modules_to_save, resolve_targets
+from .inject import (
+    LoraConfig,
+    adapter_names,
+    get_lora_config,
+    inject,
+    lora_state_dict,
+    resolve_modules_to_save,
+    resolve_targets,
+)
+from .lora import ModulesToSaveWrapper
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -35,7 +46,6 @@ PREFIX = "base_model.model."
 # peft options that change the math and that minilora does not implement (yet):
 # loading an adapter that uses one is an error, never a silent difference.
 _UNSUPPORTED = {
-    "use_dora": (False, None),
     "bias": ("none", None),
     "layers_to_transform": (None,),
     "layers_pattern": (None,),
@@ -47,9 +57,11 @@ _UNSUPPORTED = {
 }
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
-    """Write the model's adapter to `directory` in peft's format; return the folder."""
-    config = get_lora_config(model)
+def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None,
+                 *, name: str | None = None) -> Path:  # fmt: skip
+    """Write adapter `name` (default: the active one) to `directory` in peft's format;
+    return the folder."""
+    config = get_lora_config(model, name)
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"save_adapter: {directory} exists and is not a folder")
@@ -57,7 +69,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
         base_model_name_or_path = getattr(model, "name_or_path", None) or getattr(
             getattr(model, "config", None), "_name_or_path", None
         )
-    tensors = {PREFIX + k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
+    tensors = {PREFIX + k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model, name).items()}
     peft_config = {
         "peft_type": "LORA",
         "task_type": config.task_type,
@@ -74,7 +86,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
-        "use_dora": False,
+        "use_dora": config.use_dora,
         "inference_mode": True,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -114,6 +126,7 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
         rank_pattern=raw.get("rank_pattern") or {},
         alpha_pattern=raw.get("alpha_pattern") or {},
         exclude_modules=raw.get("exclude_modules"),
+        use_dora=bool(raw.get("use_dora") or False),
     )
 
 
@@ -142,8 +155,13 @@ def _expected_shapes(model: nn.Module, config: LoraConfig, targets: list[str], s
         r, _ = config.rank_and_alpha(name)
         shapes[f"{name}.lora_A.weight"] = (r, layer.in_features)
         shapes[f"{name}.lora_B.weight"] = (layer.out_features, r)
+        if config.use_dora:
+            shapes[f"{name}.lora_magnitude_vector"] = (layer.out_features,)
     for name in saved:
-        for key, value in model.get_submodule(name).state_dict().items():
+        module = model.get_submodule(name)
+        if isinstance(module, ModulesToSaveWrapper):  # another adapter already trains it
+            module = module.original_module
+        for key, value in module.state_dict().items():
             shapes[f"{name}.{key}"] = tuple(value.shape)
     return shapes
 
@@ -152,14 +170,21 @@ def _first(keys: list[str], n: int = 5) -> str:
     return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike, is_trainable: bool = False) -> list[str]:
-    """Inject and fill the adapter saved in `directory` (by minilora or peft).
+def load_adapter(model: nn.Module, directory: str | os.PathLike, is_trainable: bool = False,
+                 *, name: str = "default") -> list[str]:  # fmt: skip
+    """Inject and fill the adapter saved in `directory` (by minilora or peft) as `name`.
 
     Every key and shape is checked before the model is touched. As with peft's
-    `PeftModel.from_pretrained`, the adapter is frozen unless `is_trainable=True`.
-    Returns the names of the wrapped layers.
+    `PeftModel.from_pretrained`, the adapter is frozen unless `is_trainable=True`;
+    as with peft's `load_adapter`, a second adapter is added inactive (switch with
+    `set_adapter`). Returns the names of the targeted layers.
     """
     directory = Path(directory)
+    if name in adapter_names(model):
+        raise ValueError(
+            f"this model already has an adapter named {name!r} (adapters: {adapter_names(model)}); "
+            f"load it under another name (load_adapter(model, dir, name=...)) or delete_adapter(model, {name!r}) first"
+        )
     config = read_adapter_config(directory)
     tensors = _read_weights(directory)
 
@@ -183,8 +208,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, is_trainable: b
                 "the adapter was trained on a model of another size"
             )
 
-    wrapped = inject(model, config)
-    params = lora_state_dict(model)
+    wrapped = inject(model, config, name=name)
+    params = lora_state_dict(model, name)
     with torch.no_grad():
         for key, value in tensors.items():
             params[key].copy_(value)

@@ -24,15 +24,20 @@ the attention mask, and positions are counted over real tokens only,
 position = cumsum(attention_mask) - 1, exactly as transformers' generate does, so
 a padded prompt generates the same tokens as the same prompt alone. Right-padded
 prompts also work: the first token is read from each row's last real position.
+
+`adapter_names=[...]` (one per row, "base" for none) runs a batch in which every
+row uses its own LoRA adapter (see inject.mixed_batch), in the prefill and in every
+cached step, so each row generates what it would alone with its adapter active.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
+from .inject import mixed_batch
 from .models.kv_cache import KVCache
 
 
@@ -139,6 +144,14 @@ def _iter_tokens(
         next_pos = next_pos + 1
 
 
+def _per_row_adapters(model: torch.nn.Module, adapter_names: Sequence[str] | None, rows: int):
+    if adapter_names is None:
+        return nullcontext()
+    if isinstance(adapter_names, str) or len(adapter_names) != rows:
+        raise ValueError(f"adapter_names must be a list with one adapter name per prompt ({rows}), got {adapter_names!r}")
+    return mixed_batch(model, adapter_names)
+
+
 @contextmanager
 def _eval_mode(model: torch.nn.Module):
     """Dropout must not randomise generation; restore the caller's mode afterwards."""
@@ -161,15 +174,17 @@ def generate_ids(
     eos_token_id: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
     pad_token_id: int | None = None,
+    adapter_names: Sequence[str] | None = None,
 ) -> torch.Tensor:
     """Return (batch, prompt_len + new) ids: the prompt followed by the generated tokens.
 
     Like transformers' generate: prompts (left-padded for batches) are kept as given,
     and rows that finished early are filled with `pad_token_id` (default: eos).
+    `adapter_names` gives each row its own adapter ("base" for none).
     """
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
-    with _eval_mode(model):
+    with _eval_mode(model), _per_row_adapters(model, adapter_names, input_ids.shape[0]):
         new = list(_iter_tokens(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
                                 eos_token_id, pad_token_id, generator))
     prompt = input_ids.to(_model_device(model))
@@ -181,39 +196,54 @@ def generate_ids(
 def generate(
     model: torch.nn.Module,
     tokenizer,
-    prompt: str,
+    prompt: str | Sequence[str],
     max_new_tokens: int = 64,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
     stop: Sequence[str] | None = None,
-) -> str:
+    adapter_names: Sequence[str] | None = None,
+) -> str | list[str]:
     """Continue `prompt` (used as-is: apply a chat template first if you want one).
 
     Returns only the new text. Generation ends at the tokenizer's eos token, after
     max_new_tokens, or as soon as one of the `stop` strings appears; the stop string
-    and anything after it are cut off.
+    and anything after it are cut off. A list of prompts runs as one left-padded
+    batch and returns a list; `adapter_names` then gives each prompt its adapter.
     """
-    ids = torch.tensor(tokenizer.encode(prompt), dtype=torch.long)
-    if ids.numel() == 0:
+    single = isinstance(prompt, str)
+    prompts = [prompt] if single else list(prompt)
+    encoded = [tokenizer.encode(p) for p in prompts]
+    if not prompts or any(len(e) == 0 for e in encoded):
         raise ValueError("The prompt encodes to zero tokens; generation needs at least one.")
     stop = [s for s in (stop or []) if s]
     eos = getattr(tokenizer, "eos_token_id", None)
-    new_ids: list[int] = []
-    with _eval_mode(model):
-        steps = _iter_tokens(model, ids, None, max_new_tokens, temperature, top_k, top_p,
-                             eos, getattr(tokenizer, "pad_token_id", None))
+    pad = getattr(tokenizer, "pad_token_id", None)
+    width = max(len(e) for e in encoded)
+    # Left padding: every row's last column is a real token (see the module docstring).
+    ids = torch.tensor([[pad if pad is not None else (eos or 0)] * (width - len(e)) + e for e in encoded])
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    new_ids: list[list[int]] = [[] for _ in prompts]
+    texts: list[str | None] = [None] * len(prompts)
+    with _eval_mode(model), _per_row_adapters(model, adapter_names, len(prompts)):
+        steps = _iter_tokens(model, ids, mask, max_new_tokens, temperature, top_k, top_p, eos, pad)
         for tok in steps:
-            t = int(tok[0])
-            if t == eos:
+            for row, t in enumerate(tok.tolist()):
+                if texts[row] is not None:
+                    continue
+                if t == eos:
+                    texts[row] = tokenizer.decode(new_ids[row])
+                    continue
+                new_ids[row].append(t)
+                if stop:
+                    # Decode the whole continuation: a stop string may straddle tokens, and
+                    # byte-level tokens only form valid text together.
+                    text = tokenizer.decode(new_ids[row])
+                    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+                    if hits:
+                        texts[row] = text[: min(hits)]
+            if all(t is not None for t in texts):
+                steps.close()
                 break
-            new_ids.append(t)
-            if stop:
-                # Decode the whole continuation: a stop string may straddle tokens, and
-                # byte-level tokens only form valid text together.
-                text = tokenizer.decode(new_ids)
-                hits = [i for i in (text.find(s) for s in stop) if i >= 0]
-                if hits:
-                    steps.close()
-                    return text[: min(hits)]
-    return tokenizer.decode(new_ids)
+    texts = [t if t is not None else tokenizer.decode(n) for t, n in zip(texts, new_ids)]
+    return texts[0] if single else texts

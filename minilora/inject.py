@@ -19,6 +19,14 @@ module whose name ends with it.
 
 The verbs follow minLoRA's small functional API: `inject`, `merge_lora`,
 `unmerge_lora`, `remove_lora`, `lora_state_dict`, `count_parameters`.
+
+Named adapters (peft's multi-adapter model): `inject(model, config, name=...)` adds
+another adapter to the same frozen base, wrapping any layer it targets that is not
+wrapped yet. The first adapter is active; later ones are added inactive and frozen,
+as peft's `add_adapter` does. `set_adapter` switches (hot swap: modules are
+re-registered, no weight is copied or reloaded), `delete_adapter` drops one,
+`disable_adapters` runs the bare base model inside a `with` block, and
+`mixed_batch(model, names)` gives each row of a batch its own adapter ("base": none).
 """
 
 from __future__ import annotations
@@ -26,16 +34,24 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .lora import LoRALinear
+from .lora import LoRALinear, ModulesToSaveWrapper
 
-# Where inject() leaves its bookkeeping on the model (plain attributes, not state).
+# Where inject() leaves its bookkeeping on the model (plain attributes, not state):
+# {adapter name: resolved LoraConfig}, the active adapter's name, and what
+# remove_lora must restore.
 _CONFIG_ATTR = "_minilora_lora_config"
+_ACTIVE_ATTR = "_minilora_active_adapter"
 _SAVED_ATTR = "_minilora_modules_to_save"
+
+# Row name meaning "no adapter" in a mixed batch (peft spells it "__base__").
+BASE_NAMES = ("base", "__base__")
 
 # Head names that peft treats as a sequence-classification head (SEQ_CLS_HEAD_NAMES).
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")
@@ -68,6 +84,8 @@ class LoraConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     exclude_modules: list[str] | str | None = None
+    # DoRA (Liu et al., 2024): also learn each output row's magnitude; see dora.py.
+    use_dora: bool = False
 
     def __post_init__(self):
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
@@ -87,6 +105,8 @@ class LoraConfig:
             self.modules_to_save = [self.modules_to_save]
         if self.task_type not in TASK_TYPES:
             raise ValueError(f"LoraConfig.task_type must be one of {TASK_TYPES}, got {self.task_type!r}")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"LoraConfig.use_dora must be True or False, got {self.use_dora!r}")
         if self.rslora and (self.rank_pattern or self.alpha_pattern):
             raise ValueError("rslora cannot be combined with rank_pattern or alpha_pattern (peft forbids it too)")
 
@@ -105,12 +125,13 @@ class LoraConfig:
 
 
 def _linear_types() -> tuple[type, ...]:
-    """Layer types LoRA can wrap: nn.Linear, and the 4-bit NF4Linear once it exists."""
+    """Layer types LoRA can wrap: nn.Linear, the 4-bit NF4Linear once it exists, and a
+    LoRALinear (which takes one more adapter)."""
     try:
         from .nf4_linear import NF4Linear
     except ImportError:  # the NF4 module is optional for the walker
-        return (nn.Linear,)
-    return (nn.Linear, NF4Linear)
+        return (nn.Linear, LoRALinear)
+    return (nn.Linear, NF4Linear, LoRALinear)
 
 
 def _matches(name: str, patterns: list[str] | str) -> bool:
@@ -124,12 +145,12 @@ def _entry_matches(entry: str, names: list[str]) -> bool:
 
 
 def _adapter_free_modules(model: nn.Module):
-    """named_modules() without the insides of existing LoRA wrappers."""
+    """named_modules() without the insides of existing LoRA and modules_to_save wrappers."""
     skip: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(s + ".") for s in skip):
             continue
-        if isinstance(module, LoRALinear):
+        if isinstance(module, (LoRALinear, ModulesToSaveWrapper)):
             skip.append(name)
         yield name, module
 
@@ -200,6 +221,13 @@ def resolve_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
     if missing:
         top = [n for n, _ in model.named_children()]
         raise ValueError(f"modules_to_save entries {missing} match no module; the model's top-level modules are {top}")
+    for name in chosen:
+        module = model.get_submodule(name)
+        if any(isinstance(m, LoRALinear) for m in module.modules()):
+            raise ValueError(
+                f"modules_to_save entry {name!r} holds LoRA layers of another adapter; a module cannot be both "
+                "LoRA-adapted and trained in full: leave it out of modules_to_save or out of the other's targets"
+            )
     return chosen
 
 
@@ -273,64 +301,211 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
-def get_lora_config(model: nn.Module) -> LoraConfig:
-    config = getattr(model, _CONFIG_ATTR, None)
-    if config is None:
+def saved_modules(model: nn.Module) -> list[tuple[str, ModulesToSaveWrapper]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The model's adapters, in the order they were added."""
+    return list(getattr(model, _CONFIG_ATTR, None) or {})
+
+
+def active_adapter(model: nn.Module) -> str:
+    get_lora_config(model)  # a clear error when there is no adapter at all
+    return getattr(model, _ACTIVE_ATTR)
+
+
+def _unknown_adapter(name: str, model: nn.Module) -> ValueError:
+    return ValueError(f"no adapter named {name!r}; this model's adapters are {adapter_names(model)}")
+
+
+def get_lora_config(model: nn.Module, name: str | None = None) -> LoraConfig:
+    """The config of adapter `name` (default: the active one)."""
+    configs = getattr(model, _CONFIG_ATTR, None)
+    if not configs:
         raise ValueError("this model has no LoRA adapter; call minilora.inject(model, LoraConfig(...)) first")
-    return config
+    name = getattr(model, _ACTIVE_ATTR) if name is None else name
+    if name not in configs:
+        raise _unknown_adapter(name, model)
+    return configs[name]
 
 
-def inject(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Wrap the targeted linear layers in place with LoRALinear; return their names.
+def _check_new_name(model: nn.Module, name: str) -> None:
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", name) or hasattr(nn.ModuleDict, name):
+        raise ValueError(
+            f"adapter name {name!r} is not usable: use letters, digits, '_' or '-' (no dots), "
+            "and not a ModuleDict method name such as 'keys' or 'update'"
+        )
+    if name in BASE_NAMES:
+        raise ValueError(f"adapter name {name!r} is reserved: in a mixed batch it means the base model")
+    if name in adapter_names(model):
+        raise ValueError(
+            f"this model already has an adapter named {name!r} (adapters: {adapter_names(model)}); "
+            f"pick another name, or call minilora.delete_adapter(model, {name!r}) first"
+        )
 
-    Afterwards only the adapters and `modules_to_save` are trainable.
+
+def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> list[str]:
+    """Add adapter `name`: wrap the targeted linear layers in place with LoRALinear (or
+    add `name` to layers already wrapped); return the targeted layers' names.
+
+    The first adapter is active and trainable, and every other parameter is frozen.
+    A later adapter is added inactive and frozen until `set_adapter(model, name)`.
     """
-    if lora_layers(model):
-        raise ValueError("this model already has LoRA adapters; call minilora.remove_lora(model) first")
+    _check_new_name(model, name)
+    configs = getattr(model, _CONFIG_ATTR, None) or {}
+    if not configs and lora_layers(model):
+        raise ValueError("this model has LoRA layers that inject() did not add; call minilora.remove_lora(model) first")
     chosen, targets = resolve_targets(model, config)
     saved = resolve_modules_to_save(model, config)
     given, auto = _modules_to_save_entries(model, config)
 
-    # Remember what remove_lora must restore: trainability, and the heads' weights.
-    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    originals = {n: {k: v.detach().clone() for k, v in model.get_submodule(n).state_dict().items()} for n in saved}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name in chosen:
-        r, alpha = config.rank_and_alpha(name)
-        layer = LoRALinear(model.get_submodule(name), r=r, alpha=alpha, dropout=config.dropout, rslora=config.rslora)
-        _set_module(model, name, layer)
-    for name in saved:
-        for p in model.get_submodule(name).parameters():
-            p.requires_grad_(True)
+    if not configs:
+        # Remember what remove_lora must restore: trainability (by parameter name).
+        requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        object.__setattr__(model, _SAVED_ATTR, {"names": [], "requires_grad": requires_grad})
+        object.__setattr__(model, _ACTIVE_ATTR, name)
+    for target in chosen:
+        r, alpha = config.rank_and_alpha(target)
+        options = dict(r=r, alpha=alpha, dropout=config.dropout, rslora=config.rslora, use_dora=config.use_dora)
+        module = model.get_submodule(target)
+        if isinstance(module, LoRALinear):
+            module.add_adapter(name, **options)
+        else:
+            _set_module(model, target, LoRALinear(module, adapter_name=name, **options))
+    record = getattr(model, _SAVED_ATTR)
+    for target in saved:
+        module = model.get_submodule(target)
+        if isinstance(module, ModulesToSaveWrapper):
+            module.add_adapter(name)
+        else:
+            _set_module(model, target, ModulesToSaveWrapper(module, name))
+            record["names"].append(target)
 
     # What save_adapter writes: the effective targets and heads, as peft records them.
-    resolved = dataclasses.replace(config, target_modules=targets, modules_to_save=(given + auto) or None)
-    object.__setattr__(model, _CONFIG_ATTR, resolved)
-    object.__setattr__(model, _SAVED_ATTR, {"names": saved, "originals": originals, "requires_grad": requires_grad})
+    configs[name] = dataclasses.replace(config, target_modules=targets, modules_to_save=(given + auto) or None)
+    object.__setattr__(model, _CONFIG_ATTR, configs)
+    _activate(model, getattr(model, _ACTIVE_ATTR))
     return chosen
 
 
+def _adapter_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (LoRALinear, ModulesToSaveWrapper))]
+
+
+def _activate(model: nn.Module, name: str) -> None:
+    for module in _adapter_modules(model):
+        module.set_adapter(name)
+    object.__setattr__(model, _ACTIVE_ATTR, name)
+
+
+def _refuse_if_merged(model: nn.Module, what: str) -> None:
+    if any(layer.merged for _, layer in lora_layers(model)):
+        raise ValueError(f"{what}: the active adapter is merged into the base weights; call minilora.unmerge_lora(model) first")
+
+
+def set_adapter(model: nn.Module, name: str) -> None:
+    """Make adapter `name` the active (and only trainable) one: a hot swap. Only
+    modules are re-registered; no weight is copied, and the base is never reloaded."""
+    if name not in adapter_names(model):
+        get_lora_config(model)
+        raise _unknown_adapter(name, model)
+    _refuse_if_merged(model, f"set_adapter({name!r})")
+    _activate(model, name)
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter `name`; layers and modules left with no adapter are unwrapped."""
+    configs = getattr(model, _CONFIG_ATTR, None) or {}
+    if name not in configs:
+        get_lora_config(model)
+        raise _unknown_adapter(name, model)
+    if name == getattr(model, _ACTIVE_ATTR):
+        others = [n for n in configs if n != name]
+        fix = f"call set_adapter(model, {others[0]!r}) first" if others else "use minilora.remove_lora(model) instead"
+        raise ValueError(f"adapter {name!r} is the active one; {fix}")
+    for layer_name, layer in lora_layers(model):
+        if name in layer.adapters:
+            layer.delete_adapter(name)
+            if not layer.adapters:
+                _set_module(model, layer_name, layer.base_layer)
+    record = getattr(model, _SAVED_ATTR)
+    for module_name, wrapper in saved_modules(model):
+        if name in wrapper.modules_to_save:
+            wrapper.delete_adapter(name)
+            if not len(wrapper.modules_to_save):
+                _set_module(model, module_name, wrapper.original_module)
+                record["names"].remove(module_name)
+    del configs[name]
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[None]:
+    """Inside the block the model is its base: no LoRA update, original modules_to_save."""
+    get_lora_config(model)
+    _refuse_if_merged(model, "disable_adapters")
+    modules = _adapter_modules(model)
+    before = [m.disabled for m in modules]
+    for m in modules:
+        m.disabled = True
+    try:
+        yield
+    finally:
+        for m, was in zip(modules, before):
+            m.disabled = was
+
+
+@contextmanager
+def mixed_batch(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
+    """Inside the block, row i of every batch uses adapter names[i] ("base" for none).
+
+    Equal to running each row on its own with its adapter active (and to peft's
+    `model(..., adapter_names=names)`). Every adapted layer must see the batch as its
+    first dimension, which is how all our models (and transformers') call linear layers.
+    """
+    get_lora_config(model)
+    configs = getattr(model, _CONFIG_ATTR)
+    if isinstance(names, str):
+        raise ValueError(f"mixed_batch takes one adapter name per row (a list), got the string {names!r}")
+    names = ["base" if n in BASE_NAMES else n for n in names]
+    unknown = sorted({n for n in names if n != "base" and n not in configs})
+    if unknown:
+        raise ValueError(f"mixed_batch: no adapter named {unknown}; this model's adapters are {list(configs)}, "
+                         "and 'base' means none")  # fmt: skip
+    _refuse_if_merged(model, "mixed_batch")
+    modules = _adapter_modules(model)
+    for m in modules:
+        m.row_adapters = names
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.row_adapters = None
+
+
 def merge_lora(model: nn.Module) -> None:
-    """Fold every adapter into its base weight (W0 + s*BA); forward then skips the adapter."""
+    """Fold the active adapter into the base weights (W0 + s*BA); forward then skips it."""
     for _, layer in lora_layers(model):
         if not layer.merged:
             layer.merge()
 
 
 def unmerge_lora(model: nn.Module) -> None:
-    """Undo merge_lora: subtract every adapter from its base weight again."""
+    """Undo merge_lora: take the merged adapter out of the base weights again."""
     for _, layer in lora_layers(model):
         if layer.merged:
             layer.unmerge()
 
 
 def remove_lora(model: nn.Module, merge: bool = False) -> nn.Module:
-    """Take the adapters out, putting the original layers back.
+    """Take every adapter out, putting the original layers back.
 
-    merge=False restores the base model exactly as it was (heads in
-    `modules_to_save` get their original weights back). merge=True keeps what was
-    learned: adapters are merged into the base weights and trained heads are kept.
+    merge=False restores the base model exactly as it was (modules in
+    `modules_to_save` are the untouched originals again). merge=True keeps what the
+    active adapter learned: it is merged into the base weights, its trained copies of
+    `modules_to_save` replace the originals, and the other adapters are dropped.
     """
     for name, layer in lora_layers(model):
         if merge and not layer.merged:
@@ -338,38 +513,54 @@ def remove_lora(model: nn.Module, merge: bool = False) -> nn.Module:
         elif not merge and layer.merged:
             layer.unmerge()
         _set_module(model, name, layer.base_layer)
+    for name, wrapper in saved_modules(model):
+        _set_module(model, name, wrapper.active_module() if merge else wrapper.original_module)
     saved = getattr(model, _SAVED_ATTR, None)
     if saved is not None:
-        if not merge:
-            for name, state in saved["originals"].items():
-                model.get_submodule(name).load_state_dict(state)
         for n, p in model.named_parameters():
             p.requires_grad_(saved["requires_grad"].get(n, p.requires_grad))
         object.__delattr__(model, _SAVED_ATTR)
-    if hasattr(model, _CONFIG_ATTR):
-        object.__delattr__(model, _CONFIG_ATTR)
+    for attr in (_CONFIG_ATTR, _ACTIVE_ATTR):
+        if hasattr(model, attr):
+            object.__delattr__(model, attr)
     return model
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What an adapter consists of: every lora_A / lora_B weight, plus the full state
-    of each module in `modules_to_save`. Keys are the model's own names."""
+def lora_state_dict(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
+    """What adapter `name` (default: the active one) consists of: every lora_A / lora_B
+    weight (and DoRA magnitude), plus the full state of its copy of each module in
+    `modules_to_save`. Keys are the model's own module names with peft's file suffixes
+    (`<layer>.lora_A.weight`, `<layer>.lora_magnitude_vector`, `<head>.weight`)."""
+    if not getattr(model, _CONFIG_ATTR, None):
+        return {}
+    name = active_adapter(model) if name is None else name
+    if name not in adapter_names(model):
+        raise _unknown_adapter(name, model)
     state: dict[str, torch.Tensor] = {}
-    for name, layer in lora_layers(model):
-        state[f"{name}.lora_A.weight"] = layer.lora_A.weight
-        state[f"{name}.lora_B.weight"] = layer.lora_B.weight
-    saved = getattr(model, _SAVED_ATTR, None)
-    for name in saved["names"] if saved else []:
-        for key, value in model.get_submodule(name).state_dict(keep_vars=True).items():
-            state[f"{name}.{key}"] = value
+    for layer_name, layer in lora_layers(model):
+        adapter = layer.adapters.get(name)
+        if adapter is None:
+            continue
+        state[f"{layer_name}.lora_A.weight"] = adapter.lora_A.weight
+        state[f"{layer_name}.lora_B.weight"] = adapter.lora_B.weight
+        if adapter.lora_magnitude_vector is not None:
+            state[f"{layer_name}.lora_magnitude_vector"] = adapter.lora_magnitude_vector.weight
+    for module_name, wrapper in saved_modules(model):
+        if name in wrapper.modules_to_save:
+            for key, value in wrapper.modules_to_save[name].state_dict(keep_vars=True).items():
+                state[f"{module_name}.{key}"] = value
     return state
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts. A 4-bit weight counts as its number of
-    values, not its number of bytes."""
+    """(trainable, total) parameter counts: the base model and every adapter. The frozen
+    original of a module in `modules_to_save` (kept only to restore it) is not counted,
+    its trained copies are. A 4-bit weight counts as its number of values, not bytes."""
+    skip = {id(m) for _, w in saved_modules(model) for m in w.original_module.modules()}
     trainable = total = 0
     for module in model.modules():
+        if id(module) in skip:
+            continue
         for p in module.parameters(recurse=False):
             total += p.numel()
             trainable += p.numel() if p.requires_grad else 0

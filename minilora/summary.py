@@ -16,6 +16,8 @@ from .inject import _SAVED_ATTR, lora_layers, shorten_per_layer, trainable_summa
 def parameter_table(model: nn.Module) -> str:
     rows: dict[str, list] = {}
     for name, layer in lora_layers(model):
+        if layer.lora_A is None:  # only inactive adapters target this layer
+            continue
         key = shorten_per_layer([name])[0]
         row = rows.setdefault(key, [0, set(), 0])
         row[0] += 1
@@ -23,7 +25,10 @@ def parameter_table(model: nn.Module) -> str:
         row[2] += layer.lora_A.weight.numel() + layer.lora_B.weight.numel()
     saved = getattr(model, _SAVED_ATTR, {"names": []})["names"]
     for name in saved:
-        n = sum(p.numel() for p in model.get_submodule(name).parameters())
+        module = model.get_submodule(name)
+        # With several adapters the head is a wrapper: count the copy in use.
+        module = module.active_module() if hasattr(module, "active_module") else module
+        n = sum(p.numel() for p in module.parameters())
         rows[f"{name} (trained in full)"] = [1, set(), n]
     width = max([len("module (N = any layer index)")] + [len(k) for k in rows])
     lines = [f"{'module (N = any layer index)':<{width}}  {'layers':>6}  {'r':>3}  {'trainable':>11}"]

@@ -211,8 +211,8 @@ def test_pickled_adapter_is_refused(tmp_path):
 
 
 def test_unsupported_peft_option_is_refused(tmp_path):
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True}))
-    with pytest.raises(ValueError, match="use_dora=True is not supported"):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "lora_bias": True}))
+    with pytest.raises(ValueError, match="lora_bias=True is not supported"):
         load_adapter(tiny_llama(), tmp_path)
 
 
