@@ -7,17 +7,14 @@ from .adapters import load_adapter, save_adapter
 from .inject import (
     LoraConfig,
     count_parameters,
-    delete_adapter,
-    disable_adapters,
     inject,
     lora_state_dict,
     merge_lora,
-    mixed_batch,
     print_trainable_parameters,
     remove_lora,
-    set_adapter,
     unmerge_lora,
 )
+from .named_adapters import delete_adapter, disable_adapters, mixed_batch, set_adapter
 from .generation import generate
 from .loading import load_model
 from .lora import LoRALinear

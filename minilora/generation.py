@@ -37,7 +37,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from .inject import mixed_batch
+from .named_adapters import mixed_batch
 from .models.kv_cache import KVCache
 
 
