@@ -20,6 +20,7 @@ from .loading import load_model
 from .lora import LoRALinear
 from .nf4 import NF4Weight, quantize_nf4
 from .nf4_linear import NF4Linear
+from .prompt_tuning import PromptTuningConfig, add_prompt_tuning, load_prompt_tuning, save_prompt_tuning
 from .quantize import quantize_folder
 from .tokenizer import load_tokenizer
 
@@ -41,6 +42,10 @@ __all__ = [
     "delete_adapter",
     "disable_adapters",
     "mixed_batch",
+    "PromptTuningConfig",
+    "add_prompt_tuning",
+    "save_prompt_tuning",
+    "load_prompt_tuning",
     "load_model",
     "load_tokenizer",
     "generate",

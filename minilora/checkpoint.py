@@ -24,8 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapters import save_adapter
-from .inject import lora_state_dict
+from .trainable import save_trainable, trainable_state_dict
 
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
@@ -106,7 +105,7 @@ def save_checkpoint(
     final = folder / f"step-{state['step']:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=folder))
     try:
-        save_adapter(model, tmp)
+        save_trainable(model, tmp)
         tensors, meta = _optimizer_to_flat(optimizer)
         tensors.update(_rng_tensors())
         save_file(tensors, str(tmp / STATE_TENSORS))
@@ -136,7 +135,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     tensors = load_file(str(path / STATE_TENSORS))
     state = json.loads((path / STATE_JSON).read_text())
     adapter = load_file(str(path / "adapter_model.safetensors"))
-    params = lora_state_dict(model)
+    params = trainable_state_dict(model)
     with torch.no_grad():
         for key, value in adapter.items():
             name = key.removeprefix("base_model.model.")

@@ -29,7 +29,8 @@ USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, Permiss
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(model_dir=args.model)
+    run_demo(model_dir=args.model, data_dir=args.data, train_file=args.train, dev_file=args.dev,
+             out_dir=args.out, max_train=args.max_train, max_dev=args.max_dev)
     return 0
 
 
@@ -59,8 +60,12 @@ def _cmd_generate(args) -> int:
     from .loading import load_model
     from .tokenizer import load_tokenizer
 
+    from .prompt_tuning import is_prompt_tuning_adapter, load_prompt_tuning
+
     model = load_model(args.model, task="causal-lm", dtype=args.dtype)
-    if args.adapter:
+    if args.adapter and is_prompt_tuning_adapter(args.adapter):
+        model = load_prompt_tuning(model, args.adapter)
+    elif args.adapter:
         load_adapter(model, args.adapter)
     tokenizer = load_tokenizer(args.model)
     prompt = args.prompt
@@ -126,8 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="LoRA on all-MiniLM-L6-v2: the README's first command")
+    p = sub.add_parser("demo", help="LoRA on all-MiniLM-L6-v2 for SST-2 sentiment, before and after: the README's first command")
     p.add_argument("--model", default=None, help="HF model folder (default: the all-MiniLM-L6-v2 wheel)")
+    p.add_argument("--data", default=None, help="folder with train.tsv and dev.tsv (default: ../shared/data/sst2)")
+    p.add_argument("--train", default=None, help="training TSV (header row; label and sentence columns)")
+    p.add_argument("--dev", default=None, help="dev TSV, same columns")
+    p.add_argument("--out", default="runs/demo", help="where the adapter and metrics go (default: runs/demo)")
+    p.add_argument("--max-train", type=int, default=None, help="train on this many sentences (default: 20000)")
+    p.add_argument("--max-dev", type=int, default=None, help="evaluate on this many dev sentences (default: all)")
     p.set_defaults(func=_cmd_demo)
 
     for name, func, helptext in (("train", _cmd_train, "fine-tune with LoRA from a TOML config"),

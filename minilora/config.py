@@ -1,4 +1,4 @@
-"""The trainer's TOML config: six sections, every key checked before any work starts.
+"""The trainer's TOML config: seven sections, every key checked before any work starts.
 
 A run is described by one TOML file (read with the standard library's tomllib; no
 YAML dependency), for example:
@@ -15,7 +15,9 @@ YAML dependency), for example:
 
 Everything else has a default that works for the common case (LoRA r=8 on the model
 type's default modules, fp32 on CPU / bf16 autocast on CUDA, 5% of the training file
-held out for validation). Command-line overrides use the same TOML syntax:
+held out for validation). `model.method` picks what trains: "lora" (the default,
+set up by [lora]) or "prompt_tuning" (a learned soft prompt, set up by
+[prompt_tuning]); the section of the other method must then be absent. Command-line overrides use the same TOML syntax:
 `--set train.lr=1e-3 --set lora.target_modules=["query","value"]`; a value that is not
 valid TOML (`--set data.train_file=foo.tsv`) is taken as a bare string.
 
@@ -63,6 +65,7 @@ class ModelSection:
     dtype: str = "auto"                       # weights' dtype on load; auto = as stored
     num_labels: int | None = None             # unset: from the data's labels
     gradient_checkpointing: bool = False
+    method: str = "lora"                      # or "prompt_tuning": the section of that name configures it
 
 
 @dataclass
@@ -73,6 +76,14 @@ class LoraSection:
     target_modules: list[str] | str | None = None   # list, regex or "all-linear"; unset: model default
     rslora: bool = False
     modules_to_save: list[str] | None = None
+
+
+@dataclass
+class PromptTuningSection:
+    num_virtual_tokens: int = 20
+    init: str = "random"                      # "random" N(0, 1), "vocab" (random tokens' embeddings), "text"
+    init_text: str | None = None              # the phrase for init = "text"
+    modules_to_save: list[str] | None = None  # a classifier head always trains
 
 
 @dataclass
@@ -130,12 +141,15 @@ class OutputSection:
     save_total_limit: int | None = None
 
 
-SECTIONS = {"model": ModelSection, "lora": LoraSection, "quant": QuantSection,
-            "data": DataSection, "train": TrainSection, "output": OutputSection}
+SECTIONS = {"model": ModelSection, "lora": LoraSection, "quant": QuantSection, "data": DataSection,
+            "train": TrainSection, "output": OutputSection, "prompt_tuning": PromptTuningSection}
+METHODS = ("lora", "prompt_tuning")  # model.method; each names the section that configures it
 
 ENUMS = {
     ("model", "task"): ("causal-lm", "sequence-classification", "embedding"),
     ("model", "dtype"): DTYPES,
+    ("model", "method"): METHODS,
+    ("prompt_tuning", "init"): ("random", "vocab", "text"),
     ("quant", "method"): ("none", "nf4"),
     ("quant", "compute_dtype"): DTYPES,
     ("data", "format"): ("auto", "tsv", "csv", "jsonl", "json", "text"),
@@ -151,6 +165,7 @@ _NONNEG = (lambda v: v >= 0, ">= 0")
 _FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
 RANGES = {
     ("model", "num_labels"): _POSITIVE, ("lora", "r"): _POSITIVE,
+    ("prompt_tuning", "num_virtual_tokens"): (lambda v: v >= 1, "an integer >= 1 (typical: 8 to 100)"),
     ("lora", "alpha"): (lambda v: v > 0, "> 0 (typical: r or 2*r)"), ("lora", "dropout"): _FRACTION,
     ("quant", "blocksize"): (lambda v: v >= 2 and v % 2 == 0,
                              "a positive even integer, two 4-bit codes per byte (typical: 64)"),
@@ -179,14 +194,16 @@ class Config:
     model: ModelSection
     data: DataSection
     lora: LoraSection = field(default_factory=LoraSection)
+    prompt_tuning: PromptTuningSection = field(default_factory=PromptTuningSection)
     quant: QuantSection = field(default_factory=QuantSection)
     train: TrainSection = field(default_factory=TrainSection)
     output: OutputSection = field(default_factory=OutputSection)
 
     def to_dict(self) -> dict:
-        """{section: {key: value}} with unset (None) keys left out: TOML has no null."""
+        """{section: {key: value}} with unset (None) keys left out: TOML has no null.
+        The section of the method not in use is left out too (it would be an error on reload)."""
         return {name: {k: v for k, v in dataclasses.asdict(getattr(self, name)).items() if v is not None}
-                for name in SECTIONS}
+                for name in SECTIONS if name not in _unused_sections(self.model.method)}
 
     def to_toml(self) -> str:
         """The resolved config as TOML text, loadable by load_config."""
@@ -324,8 +341,16 @@ def config_from_dict(d: dict, base_dir=None) -> Config:
             if value is not None:
                 setattr(sections[name], key, _resolve(value, base_dir))
     cfg = Config(**sections)
+    for name in _unused_sections(cfg.model.method):
+        if name in d:
+            raise ConfigError(f"[{name}] is set but model.method = {cfg.model.method!r}; set model.method = "
+                              f"{name!r} to use it, or remove the [{name}] section")
     _cross_checks(cfg)
     return cfg
+
+
+def _unused_sections(method: str) -> list[str]:
+    return [m for m in METHODS if m != method]
 
 
 def _resolve(value: str, base_dir) -> str:
@@ -349,6 +374,13 @@ def _cross_checks(cfg: Config) -> None:
                           "use 'loss' (or 'auto') for model.task = 'causal-lm'")
     if train.warmup_steps and train.warmup_ratio:
         raise ConfigError("train.warmup_steps and train.warmup_ratio are both set; keep one")
+    pt = cfg.prompt_tuning
+    if pt.init == "text" and not pt.init_text:
+        raise ConfigError('prompt_tuning.init = "text" needs prompt_tuning.init_text, a phrase describing the task '
+                          '(e.g. init_text = "Is this movie review positive or negative?")')
+    if pt.init != "text" and pt.init_text is not None:
+        raise ConfigError(f'prompt_tuning.init_text is only used with init = "text" (init is {pt.init!r}); '
+                          'set prompt_tuning.init = "text" or remove init_text')
 
 
 def parse_override(item: str) -> tuple[str, str, object]:

@@ -1,6 +1,6 @@
 """From a TOML config to a trained adapter: what `minilora train` and `minilora eval` do.
 
-    config -> tokenizer -> datasets -> model (optionally 4-bit) -> LoRA -> train()
+    config -> tokenizer -> datasets -> model (optionally 4-bit) -> LoRA or soft prompt -> train()
            -> <output.dir>/adapter   (the best adapter, peft's format)
               <output.dir>/config.toml, metrics.jsonl, run.json, loss.png
 
@@ -21,6 +21,10 @@ from .batching import build_datasets
 from .config import Config
 from .inject import LoraConfig, inject
 from .loading import load_model
+from .paths import resolve_model_path
+from .prompt_tuning import (PromptTuningConfig, add_prompt_tuning, is_prompt_tuning_adapter, load_prompt_tuning,
+                            save_prompt_tuning)
+from .prompt_tuning import parameter_table as prompt_parameter_table
 from .summary import parameter_table
 from .tokenizer import load_tokenizer
 from .train import CLASSIFICATION, evaluate, train
@@ -61,23 +65,49 @@ def lora_config(cfg: Config) -> LoraConfig:
                       modules_to_save=section.modules_to_save, task_type=_TASK_TYPES.get(cfg.model.task))
 
 
+def prompt_tuning_config(cfg: Config) -> PromptTuningConfig:
+    section = cfg.prompt_tuning
+    return PromptTuningConfig(num_virtual_tokens=section.num_virtual_tokens, init=section.init,
+                              init_text=section.init_text, modules_to_save=section.modules_to_save,
+                              task_type=_TASK_TYPES.get(cfg.model.task))
+
+
+def _add_prompt(cfg: Config, model, tokenizer):
+    n = cfg.prompt_tuning.num_virtual_tokens
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if cfg.model.task != "causal-lm" and limit is not None and cfg.data.max_length + n > limit:
+        raise ValueError(f"data.max_length ({cfg.data.max_length}) + prompt_tuning.num_virtual_tokens ({n}) exceeds "
+                         f"the model's {limit} positions; lower one of them")
+    return add_prompt_tuning(model, prompt_tuning_config(cfg), tokenizer)
+
+
 def run_training(cfg: Config, progress: bool = True, log=print) -> dict:
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.toml", cfg.to_toml())
     tokenizer, data, model, num_labels = prepare(cfg, log)
-    torch.manual_seed(cfg.train.seed)  # the adapter's initial A depends on it
-    inject(model, lora_config(cfg))
-    log(parameter_table(model))
+    torch.manual_seed(cfg.train.seed)  # the adapter's initial A (or the prompt) depends on it
+    prompt = cfg.model.method == "prompt_tuning"
+    if prompt:
+        model = _add_prompt(cfg, model, tokenizer)
+        log(prompt_parameter_table(model))
+    else:
+        inject(model, lora_config(cfg))
+        log(parameter_table(model))
     log(f"train: {len(data.train.examples):,} examples, validation: {len(data.val.examples) if data.val else 0:,}")
 
     start = time.perf_counter()
     result = train(model, data.train.examples, data.val.examples if data.val else None, cfg.train,
-                   task=cfg.model.task, out_dir=out, pad_token_id=tokenizer.pad_token_id, num_labels=num_labels,
-                   progress=progress, keep_last=cfg.output.save_total_limit,
+                   task=cfg.model.task, out_dir=out, pad_token_id=tokenizer.pad_token_id,
+                   num_labels=num_labels, progress=progress, keep_last=cfg.output.save_total_limit,
                    group_by_length=cfg.data.group_by_length)
     seconds = time.perf_counter() - start
-    save_adapter(model, out / "adapter", base_model_name_or_path=str(cfg.model.path))
+    if prompt:
+        # A real folder, not pkg:NAME: peft re-reads the tokenizer of a "text" prompt it is to train further.
+        save_prompt_tuning(model, out / "adapter", base_model_name_or_path=str(cfg.model.path),
+                           tokenizer_name_or_path=str(resolve_model_path(cfg.model.path)))
+    else:
+        save_adapter(model, out / "adapter", base_model_name_or_path=str(cfg.model.path))
     summary = {"train_seconds": seconds, "steps": result["state"].step, "eval": result["eval"],
                "best": result["best"], "best_step": result["state"].best_step, "label_names": data.label_names}
     atomic_write_text(out / "run.json", json.dumps(summary, indent=1) + "\n")
@@ -89,7 +119,9 @@ def run_eval(cfg: Config, adapter: str | None = None, log=print) -> dict:
     tokenizer, data, model, num_labels = prepare(cfg, log)
     if data.val is None or not data.val.examples:
         raise ValueError("nothing to evaluate: set data.validation_file or data.validation_fraction > 0")
-    if adapter:
+    if adapter and is_prompt_tuning_adapter(adapter):
+        model = load_prompt_tuning(model, adapter)
+    elif adapter:
         load_adapter(model, adapter)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
     return evaluate(model.to(device), data.val.examples, cfg.model.task, batch_size=cfg.train.batch_size,

@@ -37,12 +37,11 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import save_adapter
 from .checkpoint import load_checkpoint, save_checkpoint
 from .batching import collate, make_batches, shard_batches
-from .inject import lora_state_dict
 from .metrics import accuracy, confusion_matrix, macro_f1, perplexity
 from .schedule import lr_at, warmup_steps_for
+from .trainable import save_trainable, trainable_state_dict
 
 CLASSIFICATION = "sequence-classification"
 
@@ -233,7 +232,7 @@ def train(model: nn.Module, train_set: list[dict], eval_set: list[dict] | None, 
         if improved:
             state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
             if out is not None:
-                save_adapter(model, out / "best")
+                save_trainable(model, out / "best")
         else:
             state.bad_evals += 1
         _log(out, {"step": state.step, "epoch": state.epoch, **{f"eval_{k}": v for k, v in metrics.items()}})
@@ -304,7 +303,7 @@ def train(model: nn.Module, train_set: list[dict], eval_set: list[dict] | None, 
         dist.barrier()
     best_file = Path(out_dir) / "best" / "adapter_model.safetensors" if out_dir is not None else None
     if best_file is not None and best_file.is_file() and state.best_step != state.step:
-        params = lora_state_dict(model)
+        params = trainable_state_dict(model)
         with torch.no_grad():
             for key, value in load_file(str(best_file)).items():
                 params[key.removeprefix("base_model.model.")].copy_(value)

@@ -124,6 +124,11 @@ def init_weights(module: nn.Module, std: float) -> None:
         module.bias.zero_()
 
 
+def check_one_input(input_ids, inputs_embeds) -> None:
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+
+
 def config_from_dict(cls, d: dict):
     """Build dataclass `cls` from a config.json dict, ignoring keys it does not know."""
     names = {f.name for f in dataclasses.fields(cls)}
@@ -190,12 +195,17 @@ class BertEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids, token_type_ids=None):
+    def forward(self, input_ids=None, token_type_ids=None, inputs_embeds=None):
+        # inputs_embeds stands in for word[id]: prompt tuning prepends learned vectors
+        # that have no token id, and they still get positions and segment 0 added.
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        batch, seq = inputs_embeds.shape[:2]
         # Positions are computed, not stored: no buffer to materialise after a meta build.
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        positions = torch.arange(seq, device=inputs_embeds.device)
         if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        h = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+            token_type_ids = torch.zeros(batch, seq, dtype=torch.long, device=inputs_embeds.device)
+        h = inputs_embeds + self.token_type_embeddings(token_type_ids)
         h = h + self.position_embeddings(positions)
         return self.dropout(self.LayerNorm(h))
 
@@ -336,8 +346,9 @@ class BertModel(nn.Module):
             return None
         return key, tensor
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> EncoderOutput:
-        h = self.embeddings(input_ids, token_type_ids)
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None) -> EncoderOutput:
+        check_one_input(input_ids, inputs_embeds)
+        h = self.embeddings(input_ids, token_type_ids, inputs_embeds)
         h = self.encoder(h, padding_mask(attention_mask, h.dtype))
         return EncoderOutput(last_hidden_state=h, pooler_output=self.pooler(h))
 
@@ -374,8 +385,9 @@ class BertForSequenceClassification(nn.Module):
             return None
         return "bert." + converted[0], converted[1]
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> SequenceClassifierOutput:
-        pooled = self.bert(input_ids, attention_mask, token_type_ids).pooler_output
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None,
+                inputs_embeds=None) -> SequenceClassifierOutput:
+        pooled = self.bert(input_ids, attention_mask, token_type_ids, inputs_embeds).pooler_output
         logits = self.classifier(self.dropout(pooled))
         loss = None
         if labels is not None:

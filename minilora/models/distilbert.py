@@ -29,6 +29,7 @@ from torch import nn
 from .bert import (
     EncoderOutput,
     SequenceClassifierOutput,
+    check_one_input,
     classification_loss,
     config_from_dict,
     get_activation,
@@ -87,9 +88,12 @@ class Embeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.dim, eps=_LAYER_NORM_EPS)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, input_ids):
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        h = self.word_embeddings(input_ids) + self.position_embeddings(positions)
+    def forward(self, input_ids=None, inputs_embeds=None):
+        # inputs_embeds stands in for word[id] (prompt tuning's learned vectors).
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        positions = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
+        h = inputs_embeds + self.position_embeddings(positions)
         return self.dropout(self.LayerNorm(h))
 
 
@@ -187,10 +191,11 @@ class DistilBertModel(nn.Module):
             return None
         return key, tensor
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> EncoderOutput:
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None) -> EncoderOutput:
         # token_type_ids is accepted so one training loop fits every encoder;
         # DistilBERT has no segment embeddings, so it is ignored.
-        h = self.embeddings(input_ids)
+        check_one_input(input_ids, inputs_embeds)
+        h = self.embeddings(input_ids, inputs_embeds)
         return EncoderOutput(last_hidden_state=self.transformer(h, padding_mask(attention_mask, h.dtype)))
 
 
@@ -225,8 +230,9 @@ class DistilBertForSequenceClassification(nn.Module):
             return None
         return "distilbert." + converted[0], converted[1]
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> SequenceClassifierOutput:
-        h = self.distilbert(input_ids, attention_mask).last_hidden_state
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None,
+                inputs_embeds=None) -> SequenceClassifierOutput:
+        h = self.distilbert(input_ids, attention_mask, inputs_embeds=inputs_embeds).last_hidden_state
         pooled = self.dropout(F.relu(self.pre_classifier(h[:, 0])))
         logits = self.classifier(pooled)
         loss = None
