@@ -40,3 +40,12 @@ def test_debug_flag_shows_the_traceback(tmp_path):
 def test_python_dash_m_and_help():
     proc = subprocess.run([sys.executable, "-m", "minilora", "--help"], capture_output=True, text=True, cwd="/")
     assert proc.returncode == 0 and "demo" in proc.stdout
+
+
+def test_readme_several_adapters_block_runs(tmp_path, monkeypatch):
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"## Several adapters on one base.*?```python\n(.*?)```", readme, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README several adapters", "exec"), {})  # its asserts are the check
+    saved = (tmp_path / "topic-adapter" / "adapter_config.json").read_text()
+    assert '"use_dora": true' in saved
