@@ -473,10 +473,14 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     its trained copies are. A 4-bit weight counts as its number of values, not bytes."""
     skip = {id(m) for _, w in saved_modules(model) for m in w.original_module.modules()}
     trainable = total = 0
+    seen = set()  # a tied weight (embeddings = lm_head) is one tensor, counted once
     for module in model.modules():
         if id(module) in skip:
             continue
         for p in module.parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
             total += p.numel()
             trainable += p.numel() if p.requires_grad else 0
         total += getattr(module, "num_quantized_values", lambda: 0)()

@@ -302,7 +302,9 @@ def train(model: nn.Module, train_set: list[dict], eval_set: list[dict] | None, 
     if world > 1:
         dist.barrier()
     best_file = Path(out_dir) / "best" / "adapter_model.safetensors" if out_dir is not None else None
-    if best_file is not None and best_file.is_file() and state.best_step != state.step:
+    # best_step is None when nothing was evaluated: a best/ left by an earlier run is not ours.
+    if best_file is not None and best_file.is_file() and state.best_step is not None \
+            and state.best_step != state.step:
         params = trainable_state_dict(model)
         with torch.no_grad():
             for key, value in load_file(str(best_file)).items():

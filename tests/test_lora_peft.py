@@ -98,6 +98,17 @@ def test_trainable_count_matches_peft_on_classifier_with_new_head():
     assert ours.classifier.weight.requires_grad and ours.classifier.bias.requires_grad
 
 
+def test_total_count_matches_peft_with_tied_embeddings():
+    # SmolLM2 ties lm_head to the embeddings: one tensor, counted once (as peft does).
+    base = tiny_llama(tie_word_embeddings=True)
+    config = LoraConfig(r=4, alpha=8, target_modules="all-linear")
+    theirs = peft_twin(base, config)
+    ours = copy.deepcopy(base)
+    inject(ours, config)
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    assert minilora.count_parameters(ours) == tuple(theirs.get_nb_trainable_parameters())
+
+
 @pytest.mark.parametrize("r", [1, 4, 8])
 @pytest.mark.parametrize("rslora", [False, True])
 def test_forward_and_gradients_match_peft_causal_lm(r, rslora):
