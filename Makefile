@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine: `make demo` and `make test`.
 # Tools run as console scripts, not `python -m`: -m puts the repo root on sys.path,
 # where kernels/ would shadow the PyPI package `kernels` that bitsandbytes imports.
+# (The exception, `python -m benchmarks`, drops the repo root from sys.path itself.)
 PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
@@ -33,9 +34,14 @@ test-slow: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/minilora demo
 
+# make bench [SUITES="lora_linear nf4"] [ARGS="--quick"]: every suite (or those named), one
+# results/<host>-<date>.json, PNGs and results/latest.md (benchmarks/runner.py). `-m` is safe
+# here: benchmarks/__main__.py drops the repo root from sys.path before bitsandbytes loads.
+SUITES ?=
+ARGS   ?=
 bench: $(STAMP)
-	$(VPY) -m pip install -e ".[bench]" >/dev/null
-	$(VPY) -m benchmarks
+	$(VPY) -c "import matplotlib" 2>/dev/null || $(VPY) -m pip install -e ".[bench]"
+	$(VPY) -m benchmarks $(SUITES) $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

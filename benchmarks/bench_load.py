@@ -1,7 +1,7 @@
 """Peak memory of loading SmolLM2-135M: minilora.load_model against transformers.
 
     python benchmarks/bench_load.py [--repeat 1] [--model-dir DIR]
-    python -m benchmarks.bench_load
+    python -m benchmarks load           # through the runner (one JSON with every suite, table, PNG)
 
 Every measurement runs in a FRESH Python process, so nothing allocated by an
 earlier load (or by the parent) counts. The child imports torch, minilora and (for
@@ -62,6 +62,7 @@ except ImportError:
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+MB = 1024 * 1024
 ROWS = [("minilora", "float32"), ("transformers", "float32"), ("minilora", "bfloat16"), ("transformers", "bfloat16"),
         ("minilora", "nf4"), ("transformers", "nf4")]
 GOAL = 1.3  # minilora fp32: peak above baseline / weights
@@ -202,9 +203,11 @@ def default_model_dir() -> Path:
 
 
 def measure(stack: str, dtype: str, model_dir: Path) -> dict:
+    """One fresh child; it prints its row as the last line of stdout (tests read it too)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", stack, dtype, str(model_dir)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    # common.child_env: offline, and no repo root on sys.path (its kernels/ would shadow
+    # the PyPI package `kernels` that bitsandbytes imports in the nf4 rows).
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=common.child_env(), cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"{stack} {dtype} child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -244,31 +247,24 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> dict | None:
-    args = parse_args(argv)
-    if args.child:
-        print(json.dumps(child(*args.child)))
-        return None
-
-    model_dir = args.model_dir or default_model_dir()
-    rows = [summarize([measure(stack, dtype, model_dir) for _ in range(args.repeat)]) for stack, dtype in ROWS]
-    print(f"model: {model_dir}")
-    print_table(rows)
-    ours = next(r for r in rows if r["stack"] == "minilora" and r["dtype"] == "float32")
-    verdict = "meets" if ours["ratio"] <= GOAL else "MISSES"
-    print(f"minilora fp32 ratio {ours['ratio']:.3f} {verdict} the goal <= {GOAL}")
-    nf4 = next(r for r in rows if r["stack"] == "minilora" and r["dtype"] == "nf4")
-    nf4_ratio = nf4["peak_above_baseline_bytes"] / ours["peak_above_baseline_bytes"]
-    verdict = "meets" if nf4_ratio <= NF4_GOAL else "MISSES"
-    print(f"minilora nf4 peak / minilora fp32 peak {nf4_ratio:.3f} {verdict} the goal <= {NF4_GOAL}")
+def run(repeat: int = 1, model_dir: Path | None = None, rows=ROWS, log=print) -> dict:
+    """Measure every (stack, dtype) row in fresh processes; returns the record main() writes."""
+    model_dir = model_dir or default_model_dir()
+    results = []
+    for stack, dtype in rows:
+        log(f"load: {stack} {dtype}, {repeat} fresh process(es)")
+        results.append(summarize([measure(stack, dtype, model_dir) for _ in range(repeat)]))
+    by = {(r["stack"], r["dtype"]): r for r in results}
+    ours, nf4 = by.get(("minilora", "float32")), by.get(("minilora", "nf4"))
+    nf4_ratio = nf4["peak_above_baseline_bytes"] / ours["peak_above_baseline_bytes"] if ours and nf4 else None
 
     import safetensors
     import torch
     import transformers
 
-    record = {
+    return {
         "benchmark": "load",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": common.command_line(),
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "host": socket.gethostname(),
         "device": device_name(),
@@ -278,11 +274,51 @@ def main(argv=None) -> dict | None:
         "python": platform.python_version(),
         "model_dir": str(model_dir),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),  # children inherit it; "1" on a shared machine
+        "repeat": repeat,
         "goal_minilora_fp32_ratio": GOAL,
         "goal_minilora_nf4_over_fp32_peak": NF4_GOAL,
         "minilora_nf4_over_fp32_peak": nf4_ratio,
-        "results": rows,
+        "results": results,
     }
+
+
+def goal_lines(record: dict) -> list[str]:
+    lines = []
+    by = {(r["stack"], r["dtype"]): r for r in record["results"]}
+    ours = by.get(("minilora", "float32"))
+    if ours:
+        verdict = "meets" if ours["ratio"] <= GOAL else "MISSES"
+        lines.append(f"minilora fp32 ratio {ours['ratio']:.3f} {verdict} the goal <= {GOAL}")
+    nf4_ratio = record.get("minilora_nf4_over_fp32_peak")
+    if nf4_ratio is not None:
+        verdict = "meets" if nf4_ratio <= NF4_GOAL else "MISSES"
+        lines.append(f"minilora nf4 peak / minilora fp32 peak {nf4_ratio:.3f} {verdict} the goal <= {NF4_GOAL}")
+    return lines
+
+
+def markdown(record: dict) -> str:
+    """The runner's table."""
+    rows = [{**r, "stack": "transformers + bnb" if (r["stack"], r["dtype"]) == ("transformers", "nf4") else r["stack"],
+             "peak_mb": r["peak_above_baseline_bytes"] / MB, "weights_mb": r["weights_bytes"] / MB}
+            for r in record["results"]]
+    table = common.markdown_table(rows, [("stack", "stack", "s"), ("dtype", "dtype", "s"), ("load_s", "load s", ".2f"),
+                                         ("peak_mb", "peak above baseline MB", ".1f"),
+                                         ("weights_mb", "weights MB", ".1f"), ("ratio", "peak / weights", ".2f")])
+    return "\n\n".join([table, "Each row in a fresh process; peak = VmHWM after loading and reading every weight page "
+                                "once, minus the RSS after imports. " + "; ".join(goal_lines(record)) + "."])
+
+
+def main(argv=None) -> dict | None:
+    args = parse_args(argv)
+    if args.child:
+        print(json.dumps(child(*args.child)))
+        return None
+
+    record = run(args.repeat, args.model_dir)
+    print(f"model: {record['model_dir']}")
+    print_table(record["results"])
+    for line in goal_lines(record):
+        print(line)
     if not args.no_save:
         out = HERE / "results" / f"load-{socket.gethostname()}-{dt.date.today().isoformat()}.json"
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,14 +1,22 @@
-"""NF4 quantize / dequantize throughput: minilora (torch, Triton) against bitsandbytes.
+"""NF4 quantize / dequantize throughput, and NF4Linear's forward: minilora (torch, Triton) against bitsandbytes.
 
-    python -m benchmarks.bench_nf4 [--reps 5] [--big-reps 3] [--dtypes bfloat16,float32] [--threads N]
-    python benchmarks/bench_nf4.py
+    python benchmarks/bench_nf4.py [--reps 5] [--big-reps 3] [--dtypes bfloat16,float32] [--threads N]
+    python -m benchmarks nf4            # through the runner (one JSON with every suite, table, PNG)
 
 For each weight shape and dtype every stack is first checked to give the same
 bytes / values as bitsandbytes, then timed: one warm-up call each, then `reps`
 rounds in which the stacks take turns (the order rotates every round) so that a
 noisy neighbour or a thermal drift hits all of them alike. Reported: the median
 time, the throughput in GB/s of bytes read + written, and ms per million values.
-Results go to benchmarks/results/nf4-<host>-<date>.json.
+
+Then one layer's forward: minilora's NF4Linear against bitsandbytes' Linear4bit over
+the very same quantized bytes (4096 x 4096 with bias, eval mode, no grad), for 1 token
+and 256 tokens, compute dtype = input dtype. On a CPU with AVX512-BF16 bitsandbytes
+repacks the weight on its first eval forward and runs a fused 4-bit kernel in bf16
+(also for fp32 inputs); minilora dequantizes into a reused buffer and calls F.linear.
+Outputs are checked to agree within 2e-2 of their largest value (bf16 rounding) before
+timing. `run()` is what the runner calls; this script writes
+benchmarks/results/nf4-<host>-<date>.json.
 """
 
 from __future__ import annotations
@@ -19,7 +27,6 @@ import json
 import os
 import platform
 import socket
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,29 +37,35 @@ except ImportError:
     import common
 
 ROOT = Path(__file__).resolve().parent
+SHAPES = ((4096, 4096), (4096, 14336))
+LINEAR_SHAPE, LINEAR_TOKENS, LINEAR_TOL = (4096, 4096), (1, 256), 2e-2
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--reps", type=int, default=5, help="timed rounds for 4096x4096")
+    p.add_argument("--reps", type=int, default=5, help="timed rounds for 4096x4096 (and the layer forward)")
     p.add_argument("--big-reps", type=int, default=3, help="timed rounds for 4096x14336")
     p.add_argument("--dtypes", default="bfloat16,float32", help="weight / output dtypes, comma separated")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and bitsandbytes' OpenMP")
     p.add_argument("--shapes", default="4096x4096,4096x14336", help="the first gets --reps, the others --big-reps")
     p.add_argument("--no-double-quant", action="store_true", help="fp32 absmax instead of double quantization")
-    return p.parse_args()
+    p.add_argument("--no-linear", action="store_true", help="skip NF4Linear vs Linear4bit forward")
+    return p.parse_args(argv)
 
 
-args = parse_args()
-if args.threads:  # must precede the first import of torch / bitsandbytes to reach OpenMP
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+if __name__ == "__main__":  # OMP_NUM_THREADS must be set before torch / bitsandbytes start OpenMP
+    _threads = parse_args().threads
+    if _threads:
+        os.environ["OMP_NUM_THREADS"] = str(_threads)
 
-import bitsandbytes  # noqa: E402
+bitsandbytes = common.import_bitsandbytes()
 import bitsandbytes.functional as bnbF  # noqa: E402
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 from minilora.nf4 import NF4Weight, dequantize_nf4_torch, quantize_nf4  # noqa: E402
+from minilora.nf4_linear import NF4Linear  # noqa: E402
 
 try:
     import triton
@@ -60,11 +73,6 @@ try:
     from minilora.kernels.nf4_dequant import dequantize_nf4_triton
 except ImportError:  # pragma: no cover - no Triton on this platform
     triton = None
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def device_name(device) -> str:
@@ -89,24 +97,14 @@ def check_quantize(ours: NF4Weight, packed, state, strict: bool) -> bool:
     if ours.double_quant:
         same = same and torch.equal(ours.nested_absmax, state.state2.absmax) and torch.equal(ours.offset, state.offset)
     if strict and not same:
-        raise SystemExit("minilora's quantization differs from bitsandbytes' on the CPU: refusing to time it")
+        raise common.StacksDisagree("minilora's quantization differs from bitsandbytes' on the CPU: refusing to time it")
     return same
 
 
 def time_round_robin(stacks: dict, reps: int, device) -> dict:
-    for fn in stacks.values():  # warm-up: allocator, caches, Triton compilation
-        fn()
-    sync(device)
-    times = {name: [] for name in stacks}
-    names = list(stacks)
-    for r in range(reps):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            sync(device)
-            t0 = time.perf_counter()
-            stacks[name]()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    """Median seconds per stack: one warm-up call each, then `reps` rotating rounds."""
+    times = common.time_interleaved({name: common.whole(fn) for name, fn in stacks.items()}, reps, device)
+    return {name: common.median(t[0] for t in ts) for name, ts in times.items()}
 
 
 def bench_shape(shape, dtype, reps, device, double_quant) -> list[dict]:
@@ -142,7 +140,7 @@ def bench_shape(shape, dtype, reps, device, double_quant) -> list[dict]:
     stacks["bitsandbytes"] = lambda: bnbF.dequantize_4bit(b_packed, b_state)
     same = {name: torch.equal(fn(), want) for name, fn in stacks.items()}
     if not all(same.values()):
-        raise SystemExit(f"dequantized values differ from bitsandbytes': {same}")
+        raise common.StacksDisagree(f"dequantized values differ from bitsandbytes': {same}")
     dq_bytes = ours.packed.numel() + stats_bytes(ours) + n * w.element_size()
     times = time_round_robin(stacks, reps, device)
     rows += [dict(op="dequantize", stack=k, seconds=v, bytes=dq_bytes, identical_to_bnb=True) for k, v in times.items()]
@@ -153,26 +151,65 @@ def bench_shape(shape, dtype, reps, device, double_quant) -> list[dict]:
     return rows
 
 
-def main():
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
-    shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
+def bnb_linear4bit(weight: torch.Tensor, bias: torch.Tensor, double_quant: bool):
+    """bitsandbytes' Linear4bit holding `weight` in NF4 (it quantizes when moved to a device)."""
+    out_features, in_features = weight.shape
+    layer = bitsandbytes.nn.Linear4bit(in_features, out_features, bias=True, compute_dtype=weight.dtype,
+                                       compress_statistics=double_quant, quant_type="nf4")
+    layer.weight = bitsandbytes.nn.Params4bit(weight.detach().cpu().clone(), requires_grad=False, blocksize=64,
+                                              compress_statistics=double_quant, quant_type="nf4", module=layer)
+    layer.bias = nn.Parameter(bias.detach().cpu().clone(), requires_grad=False)
+    return layer.to(weight.device)
+
+
+def bench_linear(shape, dtype, tokens, reps, device, double_quant) -> list[dict]:
+    """NF4Linear vs Linear4bit forward over the same bytes (eval, no grad): checked, then timed."""
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.randn(shape, generator=g) * 0.02).to(dtype).to(device)
+    bias = (torch.randn(shape[0], generator=g) * 0.02).to(dtype).to(device)
+    theirs = bnb_linear4bit(weight, bias, double_quant).eval()
+    ours = NF4Linear.from_bnb_state_dict(theirs.state_dict()).eval()  # the very same quantized bytes
     rows = []
+    for n_tokens in tokens:
+        x = torch.randn(n_tokens, shape[1], generator=g).to(dtype).to(device)
+        with torch.no_grad():
+            diff = common.assert_close(f"nf4 linear {n_tokens} token(s) {dtype}: NF4Linear vs Linear4bit",
+                                       ours(x), theirs(x), LINEAR_TOL)
+            times = time_round_robin({"minilora NF4Linear": lambda: ours(x),
+                                      "bitsandbytes Linear4bit": lambda: theirs(x)}, reps, device)
+        for stack, seconds in times.items():
+            rows.append(dict(op="linear forward", stack=stack, seconds=seconds, shape=list(shape), tokens=n_tokens,
+                             dtype=str(dtype).removeprefix("torch."), relative_difference=diff))
+    base = {(r["tokens"], r["dtype"]): r["seconds"] for r in rows if r["stack"].startswith("bitsandbytes")}
+    for r in rows:
+        r["speedup_vs_bnb"] = base[(r["tokens"], r["dtype"])] / r["seconds"]
+    return rows
+
+
+def run(reps=5, big_reps=3, dtypes=("bfloat16", "float32"), device=None, shapes=SHAPES, double_quant=True,
+        linear=True, linear_shape=LINEAR_SHAPE, linear_tokens=LINEAR_TOKENS, log=print) -> dict:
+    """Measure; returns the record this script writes (results: quantize / dequantize rows,
+    linear: the layer-forward rows)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtypes = [getattr(torch, name) if isinstance(name, str) else name for name in dtypes]
+    rows, linear_rows = [], []
     t_start = time.time()
     for i, shape in enumerate(shapes):
-        reps = args.reps if i == 0 else args.big_reps
+        n_reps = reps if i == 0 else big_reps
         for dtype in dtypes:
-            rows += bench_shape(shape, dtype, reps, device, not args.no_double_quant)
-    print_table(rows)
-    record = {
+            log(f"nf4: quantize / dequantize {shape[0]}x{shape[1]} {dtype}, {n_reps} rounds")
+            rows += bench_shape(tuple(shape), dtype, n_reps, device, double_quant)
+    if linear:
+        for dtype in dtypes:
+            log(f"nf4: NF4Linear vs Linear4bit forward {linear_shape[0]}x{linear_shape[1]} {dtype}, "
+                f"{', '.join(map(str, linear_tokens))} token(s), {reps} rounds")
+            linear_rows += bench_linear(tuple(linear_shape), dtype, linear_tokens, reps, device, double_quant)
+    return {
         "benchmark": "nf4",
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "host": socket.gethostname(),
-        "command": command_line(),
         "device": f"{device.type}: {device_name(device)}",
-        "double_quant": not args.no_double_quant,
+        "double_quant": double_quant,
         "blocksize": 64,
         "versions": {
             "python": platform.python_version(),
@@ -181,13 +218,32 @@ def main():
             "bitsandbytes": bitsandbytes.__version__,
         },
         "timing": "median of interleaved rounds after one warm-up call per stack",
+        "settings": {"reps": reps, "big_reps": big_reps, "shapes": [list(s) for s in shapes],
+                     "dtypes": [str(d).removeprefix("torch.") for d in dtypes], "linear_shape": list(linear_shape),
+                     "linear_tokens": list(linear_tokens), "linear_tolerance": LINEAR_TOL},
         "wall_seconds": round(time.time() - t_start, 1),
         "results": rows,
+        "linear": linear_rows,
     }
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
+    record = run(args.reps, args.big_reps, args.dtypes.split(","), args.device, shapes, not args.no_double_quant,
+                 linear=not args.no_linear)
+    record["command"] = command_line()
+    print_table(record["results"])
+    if record["linear"]:
+        print()
+        print_linear_table(record["linear"])
     out = ROOT / "results" / f"nf4-{socket.gethostname()}-{dt.date.today().isoformat()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"\n{record['device']}\nwrote {out.relative_to(ROOT.parent)}")
+    return record
 
 
 def command_line() -> str:
@@ -206,6 +262,35 @@ def print_table(rows):
             f"{r['op']:<11}{shape:<12}{r['dtype']:<10}{r['stack']:<24}{r['seconds'] * 1e3:>10.1f}"
             f"{r['gb_per_s']:>8.2f}{r['ms_per_million']:>8.2f}{speedup:>7.2f}x"
         )
+
+
+LINEAR_COLUMNS = [("stack", "stack", "s"), ("dtype", "dtype", "s"), ("tokens", "tokens", "d"), ("ms", "median ms", ".2f"),
+                  ("speedup_vs_bnb", "vs bnb", ".2f")]
+
+
+def print_linear_table(rows):
+    common.print_table([{**r, "ms": r["seconds"] * 1e3} for r in rows], LINEAR_COLUMNS)
+
+
+def markdown(record: dict) -> str:
+    """The runner's tables: quantize / dequantize, then the layer forward."""
+    rows = [{**r, "shape_s": "x".join(map(str, r["shape"])), "ms": r["seconds"] * 1e3} for r in record["results"]]
+    base = {(r["op"], r["shape_s"], r["dtype"]): r["seconds"] for r in rows if r["stack"] == "bitsandbytes"}
+    for r in rows:
+        r["speedup_vs_bnb"] = base[(r["op"], r["shape_s"], r["dtype"])] / r["seconds"]
+    parts = [common.markdown_table(rows, [("op", "op", "s"), ("shape_s", "shape", "s"), ("dtype", "dtype", "s"),
+                                          ("stack", "stack", "s"), ("ms", "median ms", ".1f"),
+                                          ("gb_per_s", "GB/s", ".2f"), ("speedup_vs_bnb", "× bnb speed", ".2f")])]
+    parts.append("Quantized bytes and dequantized values checked identical to bitsandbytes' before timing; "
+                 "GB/s = bytes read + written / median time.")
+    if record.get("linear"):
+        shape = "x".join(map(str, record["settings"]["linear_shape"]))
+        parts.append(common.markdown_table([{**r, "ms": r["seconds"] * 1e3} for r in record["linear"]],
+                                           LINEAR_COLUMNS[:-1] + [("speedup_vs_bnb", "× bnb speed", ".2f")]))
+        worst = max(r["relative_difference"] for r in record["linear"])
+        parts.append(f"Layer forward, {shape} NF4 weight with bias, eval mode, no grad, compute dtype = input dtype; "
+                     f"outputs agreed within {worst:.2g} of their largest value (tolerance {LINEAR_TOL:g}).")
+    return "\n\n".join(parts)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/bench_train_lm.py                   # 5 timed steps per run
     .venv/bin/python benchmarks/bench_train_lm.py --repeats 2
     .venv/bin/python benchmarks/bench_train_lm.py --steps 1 --seq-len 64    # smoke test
+    .venv/bin/python benchmarks/bench_train_lm.py --qlora           # + the 4-bit (QLoRA) pair
+    .venv/bin/python -m benchmarks train_step                       # through the runner (with --qlora)
 
 What is trained. LoRA r=16, alpha=32, dropout 0.05 on every linear layer of attention
 and MLP (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj), fp32 weights,
@@ -21,6 +23,15 @@ every child reads, so both stacks see identical input_ids / attention_mask / lab
 - hf: AutoModelForCausalLM.from_pretrained(dtype=float32) + peft get_peft_model with
   the same LoraConfig; the same step with the model's own loss (labels=..., use_cache=False)
   and torch AdamW over the trainable parameters.
+- QLoRA (--qlora, checkpointing off only): the same LoRA over a 4-bit NF4 base, every
+  linear layer of the blocks quantized (blocksize 64, double quantization, fp32 compute;
+  embeddings, norms and head stay fp32). minilora-nf4: load_model(quantize="nf4") +
+  inject, the same step. hf-bnb4: from_pretrained with BitsAndBytesConfig(load_in_4bit,
+  nf4, double quant, compute fp32, device_map="cpu") + get_peft_model, the same step
+  (no prepare_model_for_kbit_training: it would turn checkpointing on, and every
+  non-4-bit weight is fp32 already). Both quantize the same fp32 weights with the same
+  (bit-identical) algorithm, so their first losses are compared with each other. If
+  bitsandbytes' CPU 4-bit step fails, the run says why and times minilora-nf4 alone.
 - gradient checkpointing off and on: minilora sets `gradient_checkpointing = True` on
   the modules that have it (as minilora.run does); transformers gets
   gradient_checkpointing_enable(use_reentrant=False) + enable_input_require_grads().
@@ -64,6 +75,9 @@ LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": TARGETS}
 LR = 2e-4
 SEED = 0
 STACKS = ("minilora", "hf")
+QLORA_STACKS = ("minilora-nf4", "hf-bnb4")
+# Stacks whose first losses must agree: same base weights (fp32, or the same NF4 bytes).
+LOSS_GROUPS = {"fp32": STACKS, "nf4": QLORA_STACKS}
 GOALS = {"tokens_per_s_ratio": 1.5, "peak_rss_ratio": 0.8}
 LOSS_TOLERANCE = 1e-4
 
@@ -71,14 +85,15 @@ LOSS_TOLERANCE = 1e-4
 # --------------------------------------------------------------------------- children
 
 
-def _minilora_setup(job: dict, checkpointing: bool):
+def _minilora_setup(job: dict, checkpointing: bool, nf4: bool = False):
     import torch
 
     from minilora.inject import LoraConfig, inject
     from minilora.loading import load_model
     from minilora.train import loss_sum, make_optimizer, target_count
 
-    model = load_model(job["model_dir"], task="causal-lm", dtype=torch.float32)
+    quant = dict(quantize="nf4", double_quant=True, blocksize=64) if nf4 else {}
+    model = load_model(job["model_dir"], task="causal-lm", dtype=torch.float32, **quant)
     torch.manual_seed(SEED)
     inject(model, LoraConfig(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"],
                              target_modules=LORA["target_modules"], task_type="CAUSAL_LM"))
@@ -95,12 +110,17 @@ def _minilora_setup(job: dict, checkpointing: bool):
     return model, loss_of, lambda: make_optimizer(model, LR, 0.0, torch.device("cpu"))
 
 
-def _hf_setup(job: dict, checkpointing: bool):
+def _hf_setup(job: dict, checkpointing: bool, bnb4: bool = False):
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=torch.float32)
+    quant = {}
+    if bnb4:
+        quant = dict(device_map="cpu", quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32))  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=torch.float32, **quant)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -127,12 +147,14 @@ def child(mode: str, stack: str, checkpointing: str, job_path: str) -> dict:
 
     # Import the stack and its model code before reading the baseline, so that the
     # baseline holds the libraries and "above baseline" only what the run allocates.
-    if stack == "minilora":
+    if stack.startswith("minilora"):
         import minilora.loading  # noqa: F401
         import minilora.models.llama  # noqa: F401
         import minilora.train  # noqa: F401
         setup = _minilora_setup
     else:
+        if stack == "hf-bnb4":
+            common.import_bitsandbytes()
         import peft  # noqa: F401
         import transformers.models.llama.modeling_llama  # noqa: F401  (transformers imports it lazily)
         setup = _hf_setup
@@ -141,7 +163,7 @@ def child(mode: str, stack: str, checkpointing: str, job_path: str) -> dict:
     data = load_file(job["batches"])
     n_batches = data["input_ids"].shape[0]
     batches = [{k: v[i].contiguous() for k, v in data.items()} for i in range(n_batches)]
-    model, loss_of, make_opt = setup(job, checkpointing == "on")
+    model, loss_of, make_opt = setup(job, checkpointing == "on", stack in QLORA_STACKS)
     row = {"stack": stack, "checkpointing": checkpointing, "baseline_rss_mb": baseline,
            "torch_threads": torch.get_num_threads()}
 
@@ -229,6 +251,17 @@ def check_losses(values: dict[str, float]) -> tuple[bool, float]:
     return spread <= LOSS_TOLERANCE, spread
 
 
+def check_groups(values: dict[str, float]) -> tuple[bool, float]:
+    """check_losses within each group of LOSS_GROUPS (keys start with the stack name)."""
+    ok, spread = True, 0.0
+    for stacks in LOSS_GROUPS.values():
+        group = {k: v for k, v in values.items() if k.split(":")[0] in stacks}
+        if group:
+            group_ok, group_spread = check_losses(group)
+            ok, spread = ok and group_ok, max(spread, group_spread)
+    return ok, spread
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=5, help="timed steps per run, after one warm-up step")
@@ -237,6 +270,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=1, help="fresh processes per combination (medians reported)")
     p.add_argument("--stacks", default="minilora,hf", help="comma-separated")
     p.add_argument("--checkpointing", default="off,on", help="gradient checkpointing modes to run: off,on")
+    p.add_argument("--qlora", action="store_true", help="also minilora-nf4 and hf-bnb4 (checkpointing off)")
     p.add_argument("--model-dir", type=Path, default=None, help="HF folder (default: the converted SmolLM2)")
     p.add_argument("--skip-check", action="store_true", help="skip the separate first-loss check processes")
     p.add_argument("--no-save", action="store_true", help="print only; write no JSON")
@@ -249,94 +283,161 @@ def parse_args(argv=None):
     return args
 
 
+def run(steps: int = 5, seq_len: int = 256, batch_size: int = 4, repeats: int = 1, stacks=STACKS,
+        checkpointing=("off", "on"), qlora: bool = False, model_dir: Path | None = None, skip_check: bool = False,
+        log=print) -> dict:
+    """Measure; returns the record main() writes. log: where progress lines go."""
+    script = Path(__file__).resolve()
+    model_dir = model_dir or default_model_dir()
+    combos = [(stack, ckpt) for ckpt in checkpointing for stack in stacks]
+    qlora_stacks = list(QLORA_STACKS) if qlora else []
+    tokens_per_step = batch_size * seq_len
+    qlora_unavailable = {}
+    with tempfile.TemporaryDirectory(prefix="bench-lm-") as tmp:
+        batch_file = Path(tmp) / "batches.safetensors"
+        data = build_batches(model_dir, 1 + steps, batch_size, seq_len, batch_file)
+        job = {"model_dir": str(model_dir), "batches": str(batch_file), "steps": steps,
+               "tokens_per_step": tokens_per_step}
+        job_path = Path(tmp) / "job.json"
+        job_path.write_text(json.dumps(job))
+        log(f"SmolLM2-135M-Instruct fp32, LoRA r={LORA['r']} alpha={LORA['alpha']} dropout={LORA['dropout']} "
+            f"on {', '.join(TARGETS)}; AdamW lr {LR}" + ("; + QLoRA (NF4 base) pair" if qlora else ""))
+        log(f"batches: {data['n_batches']} distinct of {batch_size} x {seq_len} tokens "
+            f"(Alpaca rows >= {seq_len} tokens, cut; {data['target_tokens_per_batch']} answer tokens each); "
+            f"{steps} timed step(s) after 1 warm-up")
+
+        check = {}
+        if not skip_check:
+            for stack in [*stacks, *qlora_stacks]:
+                try:
+                    check[stack] = common.run_child(script, ["check", stack, "off", str(job_path)], f"{stack} check")
+                except RuntimeError as e:
+                    if stack != "hf-bnb4":
+                        raise
+                    # Say why, keep the rest: the QLoRA column then holds minilora-nf4 alone.
+                    reason = _failure_reason(str(e))
+                    qlora_unavailable[stack] = reason
+                    log(f"hf-bnb4: transformers + peft + bitsandbytes 4-bit failed on this machine, not timed: {reason}")
+            values = {s: r["first_loss"] for s, r in check.items()}
+            ok, spread = check_groups(values)
+            log("first-batch loss (adapter B = 0): " + ", ".join(f"{s} {v:.6f}" for s, v in values.items())
+                + f"; spread within fp32 / within nf4 {spread:.2e} (tolerance {LOSS_TOLERANCE:g}): "
+                + ("OK" if ok else "MISMATCH"))
+            if not ok:
+                log("WARNING: the stacks do not compute the same loss; the timings below compare different work")
+        combos += [(stack, "off") for stack in qlora_stacks if stack not in qlora_unavailable]
+        order = common.interleaved_order(combos, repeats)
+        runs: dict[tuple, list[dict]] = {c: [] for c in combos}
+
+        log(f"run order: {', '.join(f'{s}-{c}' for s, c in order)}")
+        for i, (stack, ckpt) in enumerate(order, 1):
+            try:
+                row = common.run_child(script, ["time", stack, ckpt, str(job_path)], f"{stack} checkpointing {ckpt}")
+            except RuntimeError as e:
+                if stack != "hf-bnb4":
+                    raise
+                qlora_unavailable[stack] = _failure_reason(str(e))
+                log(f"hf-bnb4: the 4-bit training step failed, not timed: {qlora_unavailable[stack]}")
+                continue
+            runs[(stack, ckpt)].append(row)
+            log(f"  [{i}/{len(order)}] {stack:<12} checkpointing {ckpt:<3}  {row['step_s']:.2f} s/step  "
+                f"{row['tokens_per_s']:.0f} tok/s  peak RSS {row['peak_rss_mb']:.0f} MB  "
+                f"first loss {row['first_loss']:.6f}")
+
+    combos = [c for c in combos if runs[c]]
+    first_losses = {f"{s}:{c}-{k}": r["first_loss"] for (s, c), rs in runs.items() for k, r in enumerate(rs)}
+    timed_ok, timed_spread = check_groups(first_losses)
+    log(f"warm-up (first-step) losses of all timed runs: spread {timed_spread:.2e}: {'OK' if timed_ok else 'MISMATCH'}")
+
+    rows = [summarize(runs[c]) for c in combos]
+    ratios, verdicts = {}, {}
+    by = {(r["stack"], r["checkpointing"]): r for r in rows}
+    pairs = [(ckpt, "minilora", "hf") for ckpt in checkpointing] + [("qlora", "minilora-nf4", "hf-bnb4")]
+    for key, mine, theirs in pairs:
+        ckpt = "off" if key == "qlora" else key
+        ours, hf = by.get((mine, ckpt)), by.get((theirs, ckpt))
+        if not ours or not hf:
+            continue
+        tps = common.ratio(ours["tokens_per_s"], hf["tokens_per_s"])
+        rss = common.ratio(ours["peak_rss_mb"], hf["peak_rss_mb"])
+        above = common.ratio(ours["peak_above_baseline_mb"], hf["peak_above_baseline_mb"])
+        ratios[key] = {"tokens_per_s": tps, "peak_rss": rss, "peak_above_baseline": above}
+        verdicts[key] = {"tokens_per_s": tps >= GOALS["tokens_per_s_ratio"], "peak_rss": rss <= GOALS["peak_rss_ratio"]}
+
+    check_values = {s: r["first_loss"] for s, r in check.items()}
+    return {
+        "benchmark": "train_lm",
+        **common.environment(),
+        "model_dir": str(model_dir),
+        "settings": {"lora": LORA, "lr": LR, "seed": SEED, "batch_size": batch_size, "seq_len": seq_len,
+                     "tokens_per_step": tokens_per_step, "steps": steps, "repeats": repeats,
+                     "dtype": "float32", "qlora": qlora, "data": str(ALPACA), **data},
+        "run_order": [f"{s}-{c}" for s, c in order],
+        "loss_check": {"tolerance": LOSS_TOLERANCE, "groups": LOSS_GROUPS, "check_runs": check_values,
+                       "timed_runs": first_losses,
+                       "ok": timed_ok and (not check or check_groups(check_values)[0])},
+        "qlora_unavailable": qlora_unavailable,
+        "goals": GOALS, "results": rows, "ratios_minilora_over_hf": ratios, "goals_met": verdicts,
+        "check_children": check,
+        "runs": {f"{s}-{c}": rs for (s, c), rs in runs.items()},
+    }
+
+
+def _failure_reason(message: str) -> str:
+    """The last line of a child's stderr that names an error (what a reader needs)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line or "error" in line]
+    return (errors or lines or ["unknown error"])[-1][:500]
+
+
+STACK_LABELS = {"minilora": "minilora", "hf": "transformers + peft", "minilora-nf4": "minilora, NF4 base",
+                "hf-bnb4": "transformers + peft + bitsandbytes 4-bit"}
+TABLE_COLUMNS = [("stack", "stack", "s"), ("checkpointing", "checkpointing", "s"), ("step_s", "s/step", ".2f"),
+                 ("tokens_per_s", "tokens/s", ".0f"), ("peak_rss_mb", "peak RSS MB", ".0f"),
+                 ("peak_above_baseline_mb", "above baseline MB", ".0f"), ("baseline_rss_mb", "baseline MB", ".0f")]
+
+
+def ratio_lines(record: dict) -> list[str]:
+    lines = []
+    for key, r in record["ratios_minilora_over_hf"].items():
+        v = record["goals_met"][key]
+        what = "QLoRA (NF4), checkpointing off" if key == "qlora" else f"checkpointing {key}"
+        lines.append(f"{what}: minilora / hf tokens/s {r['tokens_per_s']:.2f}x (goal >= {GOALS['tokens_per_s_ratio']}x: "
+                     f"{'meets' if v['tokens_per_s'] else 'MISSES'}), peak RSS {r['peak_rss']:.2f}x "
+                     f"(goal <= {GOALS['peak_rss_ratio']}x: {'meets' if v['peak_rss'] else 'MISSES'}), "
+                     f"above baseline {r['peak_above_baseline']:.2f}x")
+    for stack, reason in record.get("qlora_unavailable", {}).items():
+        lines.append(f"{STACK_LABELS[stack]}: not timed, its CPU training step failed: {reason}")
+    return lines
+
+
+def markdown(record: dict) -> str:
+    """The runner's table."""
+    s = record["settings"]
+    rows = [{**r, "stack": STACK_LABELS[r["stack"]]} for r in record["results"]]
+    losses = record["loss_check"]
+    notes = (f"SmolLM2-135M-Instruct, LoRA r={LORA['r']} alpha={LORA['alpha']} dropout={LORA['dropout']} on all "
+             f"seven projections, AdamW, batch {s['batch_size']} x {s['seq_len']} tokens, fp32 compute; "
+             f"median of {s['steps']} timed step(s) after 1 warm-up, {s['repeats']} fresh process(es) per row, "
+             f"interleaved. First-step losses agree within each base (fp32 / NF4): "
+             f"{'OK' if losses['ok'] else 'MISMATCH'} (tolerance {losses['tolerance']:g}).")
+    return "\n\n".join([common.markdown_table(rows, TABLE_COLUMNS[:-1]), notes, "\n".join(ratio_lines(record))])
+
+
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
     if args.child:
         common.print_result(child(*args.child))
         return None
 
-    script = Path(__file__).resolve()
-    model_dir = args.model_dir or default_model_dir()
-    combos = [(stack, ckpt) for ckpt in args.checkpointing for stack in args.stacks]
-    order = common.interleaved_order(combos, args.repeats)
-    tokens_per_step = args.batch_size * args.seq_len
-    runs: dict[tuple, list[dict]] = {c: [] for c in combos}
-    with tempfile.TemporaryDirectory(prefix="bench-lm-") as tmp:
-        batch_file = Path(tmp) / "batches.safetensors"
-        data = build_batches(model_dir, 1 + args.steps, args.batch_size, args.seq_len, batch_file)
-        job = {"model_dir": str(model_dir), "batches": str(batch_file), "steps": args.steps,
-               "tokens_per_step": tokens_per_step}
-        job_path = Path(tmp) / "job.json"
-        job_path.write_text(json.dumps(job))
-        print(f"SmolLM2-135M-Instruct fp32, LoRA r={LORA['r']} alpha={LORA['alpha']} dropout={LORA['dropout']} "
-              f"on {', '.join(TARGETS)}; AdamW lr {LR}")
-        print(f"batches: {data['n_batches']} distinct of {args.batch_size} x {args.seq_len} tokens "
-              f"(Alpaca rows >= {args.seq_len} tokens, cut; {data['target_tokens_per_batch']} answer tokens each); "
-              f"{args.steps} timed step(s) after 1 warm-up")
-
-        check = {}
-        if not args.skip_check:
-            for stack in args.stacks:
-                check[stack] = common.run_child(script, ["check", stack, "off", str(job_path)], f"{stack} check")
-            values = {s: r["first_loss"] for s, r in check.items()}
-            ok, spread = check_losses(values)
-            print("first-batch loss (adapter B = 0): " + ", ".join(f"{s} {v:.6f}" for s, v in values.items())
-                  + f"; spread {spread:.2e} (tolerance {LOSS_TOLERANCE:g}): {'OK' if ok else 'MISMATCH'}")
-            if not ok:
-                print("WARNING: the stacks do not compute the same loss; the timings below compare different work")
-
-        print(f"run order: {', '.join(f'{s}-{c}' for s, c in order)}")
-        for i, (stack, ckpt) in enumerate(order, 1):
-            row = common.run_child(script, ["time", stack, ckpt, str(job_path)], f"{stack} checkpointing {ckpt}")
-            runs[(stack, ckpt)].append(row)
-            print(f"  [{i}/{len(order)}] {stack:<8} checkpointing {ckpt:<3}  {row['step_s']:.2f} s/step  "
-                  f"{row['tokens_per_s']:.0f} tok/s  peak RSS {row['peak_rss_mb']:.0f} MB  "
-                  f"first loss {row['first_loss']:.6f}", flush=True)
-
-    first_losses = {f"{s}-{c}-{k}": r["first_loss"] for (s, c), rs in runs.items() for k, r in enumerate(rs)}
-    timed_ok, timed_spread = check_losses(first_losses)
-    print(f"warm-up (first-step) losses of all timed runs: spread {timed_spread:.2e}: {'OK' if timed_ok else 'MISMATCH'}")
-
-    rows = [summarize(runs[c]) for c in combos]
+    record = run(args.steps, args.seq_len, args.batch_size, args.repeats, args.stacks, args.checkpointing,
+                 args.qlora, args.model_dir, args.skip_check)
     print()
-    common.print_table(rows, [
-        ("stack", "stack", "s"), ("checkpointing", "checkpointing", "s"), ("step_s", "s/step", ".2f"),
-        ("tokens_per_s", "tokens/s", ".0f"), ("peak_rss_mb", "peak RSS MB", ".0f"),
-        ("peak_above_baseline_mb", "above baseline MB", ".0f"), ("baseline_rss_mb", "baseline MB", ".0f")])
-    print(f"medians over {args.repeats} fresh process(es) x {args.steps} step(s); tokens/s = {tokens_per_step} / "
-          "median s per step; peak RSS = ru_maxrss of the child")
-
-    ratios, verdicts = {}, {}
-    by = {(r["stack"], r["checkpointing"]): r for r in rows}
-    for ckpt in args.checkpointing:
-        ours, hf = by.get(("minilora", ckpt)), by.get(("hf", ckpt))
-        if not ours or not hf:
-            continue
-        tps = common.ratio(ours["tokens_per_s"], hf["tokens_per_s"])
-        rss = common.ratio(ours["peak_rss_mb"], hf["peak_rss_mb"])
-        above = common.ratio(ours["peak_above_baseline_mb"], hf["peak_above_baseline_mb"])
-        ratios[ckpt] = {"tokens_per_s": tps, "peak_rss": rss, "peak_above_baseline": above}
-        verdicts[ckpt] = {"tokens_per_s": tps >= GOALS["tokens_per_s_ratio"], "peak_rss": rss <= GOALS["peak_rss_ratio"]}
-        print(f"checkpointing {ckpt:<3} minilora / hf: tokens/s {tps:.2f}x (goal >= {GOALS['tokens_per_s_ratio']}x: "
-              f"{'meets' if verdicts[ckpt]['tokens_per_s'] else 'MISSES'}), peak RSS {rss:.2f}x "
-              f"(goal <= {GOALS['peak_rss_ratio']}x: {'meets' if verdicts[ckpt]['peak_rss'] else 'MISSES'}), "
-              f"above baseline {above:.2f}x")
-
-    record = {
-        "benchmark": "train_lm",
-        **common.environment(),
-        "model_dir": str(model_dir),
-        "settings": {"lora": LORA, "lr": LR, "seed": SEED, "batch_size": args.batch_size, "seq_len": args.seq_len,
-                     "tokens_per_step": tokens_per_step, "steps": args.steps, "repeats": args.repeats,
-                     "dtype": "float32", "data": str(ALPACA), **data},
-        "run_order": [f"{s}-{c}" for s, c in order],
-        "loss_check": {"tolerance": LOSS_TOLERANCE, "check_runs": {s: r["first_loss"] for s, r in check.items()},
-                       "timed_runs": first_losses, "ok": timed_ok and (not check or check_losses(
-                           {s: r["first_loss"] for s, r in check.items()})[0])},
-        "goals": GOALS, "results": rows, "ratios_minilora_over_hf": ratios, "goals_met": verdicts,
-        "check_children": check,
-        "runs": {f"{s}-{c}": rs for (s, c), rs in runs.items()},
-    }
+    common.print_table(record["results"], TABLE_COLUMNS)
+    print(f"medians over {args.repeats} fresh process(es) x {args.steps} step(s); tokens/s = "
+          f"{record['settings']['tokens_per_step']} / median s per step; peak RSS = ru_maxrss of the child")
+    for line in ratio_lines(record):
+        print(line)
     if not args.no_save:
         # A smoke test (other shapes) never overwrites a full run's file.
         name = "train_lm" if (args.batch_size, args.seq_len) == (4, 256) else f"train_lm-{args.batch_size}x{args.seq_len}"

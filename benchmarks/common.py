@@ -1,12 +1,16 @@
-"""Helpers shared by the training benchmarks (bench_train_cls.py, bench_train_lm.py).
+"""Helpers shared by the benchmarks (the bench_*.py scripts, lora_linear.py and the runner).
 
 - memory: current RSS and peak RSS (ru_maxrss) of *this* process, in MB;
 - child processes: run this script again with `--child ...` in a fresh Python, read
   the one JSON line it prints last;
 - run order: interleave the stacks so slow drift of a shared machine (thermal, other
   jobs) does not favour whichever stack runs first;
-- environment: library versions, CPU, host, command, for the results JSON;
-- a plain-text table.
+- timing inside one process: `Clock` (CUDA events on a GPU, perf_counter on the CPU)
+  and `time_interleaved` (warm-up, rotating rounds);
+- correctness before timing: `assert_close`, which raises StacksDisagree;
+- bitsandbytes imported so that the repository's kernels/ cannot shadow its `kernels`;
+- environment: library versions, device, host, command, for the results JSON;
+- a plain-text table and a Markdown one.
 
 Only the standard library is imported at module level, so a child process can
 import this module before it records its baseline memory.
@@ -22,6 +26,8 @@ import socket
 import statistics
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -103,6 +109,135 @@ def median(values) -> float | None:
     return statistics.median(values) if values else None
 
 
+# --------------------------------------------------------------------------- timing
+
+
+class Clock:
+    """Timestamps inside one timed call, read as the seconds between consecutive marks.
+
+    On a GPU the marks are CUDA events, so what is measured is GPU time between them,
+    with no host synchronisation in between; `segments()` synchronises once at the
+    end. On the CPU they are perf_counter readings.
+    """
+
+    def __init__(self, device):
+        self.cuda = getattr(device, "type", str(device)) == "cuda"
+        self._marks: list = []
+
+    def _now(self):
+        if self.cuda:
+            import torch
+
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()  # nothing from before the call may run inside it
+        self._marks = [self._now()]
+
+    def mark(self) -> None:
+        self._marks.append(self._now())
+
+    def segments(self) -> list[float]:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self._marks, self._marks[1:])]
+        return [b - a for a, b in zip(self._marks, self._marks[1:])]
+
+
+def whole(fn: Callable[[], object]) -> Callable[[Clock], object]:
+    """A plain callable as a timed call with one segment: the call itself."""
+
+    def call(clock: Clock):
+        clock.start()
+        out = fn()
+        clock.mark()
+        return out
+
+    return call
+
+
+def rotated(names: list, round_index: int) -> list:
+    """Round i starts at the i-th name (A,B,C / B,C,A / C,A,B ...): no name always runs first."""
+    k = round_index % len(names) if names else 0
+    return names[k:] + names[:k]
+
+
+def time_interleaved(calls: dict[str, Callable[[Clock], object]], repeats: int, device, warmup: int = 1,
+                     on_warmup: Callable[[dict], None] | None = None) -> dict[str, list[list[float]]]:
+    """Time every call `repeats` times, interleaved, after `warmup` untimed rounds.
+
+    Each call takes a Clock and marks it itself: clock.start() before the work,
+    clock.mark() after each part (say forward, then backward). Returns, per name, one
+    list of segment durations (seconds) per timed round. `on_warmup` receives the
+    last warm-up round's return values by name (the place to check that the stacks
+    agree before anything is timed).
+    """
+    names = list(calls)
+    for w in range(warmup):
+        outputs = {name: calls[name](Clock(device)) for name in rotated(names, w)}
+        if on_warmup is not None and w == warmup - 1:
+            on_warmup(outputs)
+        del outputs
+    times: dict[str, list[list[float]]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in rotated(names, r):
+            clock = Clock(device)
+            calls[name](clock)
+            times[name].append(clock.segments())
+    return times
+
+
+# --------------------------------------------------------------------------- correctness
+
+
+class StacksDisagree(AssertionError):
+    """Two stacks that are about to be timed do not compute the same thing."""
+
+
+def assert_close(what: str, ours, theirs, tol: float) -> float:
+    """max|ours - theirs| <= tol * max|theirs| (compared in float64), else StacksDisagree.
+
+    Returns the relative difference found.
+    """
+    import torch
+
+    if ours.shape != theirs.shape:
+        raise StacksDisagree(f"{what}: shapes differ, {list(ours.shape)} vs {list(theirs.shape)}")
+    a, b = ours.detach().double(), theirs.detach().double()
+    scale = max(float(b.abs().max()), 1e-30) if b.numel() else 1.0
+    diff = float((a - b).abs().max()) / scale if b.numel() else 0.0
+    if not diff <= tol:  # also catches NaN
+        raise StacksDisagree(f"{what}: the stacks disagree, max |difference| = {diff:.3g} x max |value| "
+                             f"(tolerance {tol:g}); refusing to time different computations")
+    return diff
+
+
+# --------------------------------------------------------------------------- bitsandbytes
+
+
+def import_bitsandbytes():
+    """Import bitsandbytes and make sure the repository's kernels/ did not stand in for
+    the PyPI package `kernels` that it tries to import (the repo root must not be on
+    sys.path: run `python -m benchmarks`, whose __main__ drops it, or a script path)."""
+    import bitsandbytes
+
+    shadow = sys.modules.get("kernels")
+    origin = Path(getattr(shadow, "__file__", None) or "/").resolve()
+    if shadow is not None and ROOT in origin.parents:
+        raise RuntimeError(f"bitsandbytes imported the repository's {origin.parent} as the package `kernels`: "
+                           f"the repo root {ROOT} is on sys.path. Run the benchmarks as `python -m benchmarks` "
+                           "or `python benchmarks/NAME.py`, not with the repo root on PYTHONPATH.")
+    return bitsandbytes
+
+
 # --------------------------------------------------------------------------- environment
 
 
@@ -123,19 +258,39 @@ def load_average() -> list[float] | None:
         return None
 
 
-def environment() -> dict:
-    """Versions, CPU and host, for the results JSON (imports torch/transformers/peft)."""
+def device_description(device=None) -> str:
+    """"cuda: <GPU name>" or "cpu: <CPU model> (N logical CPUs)"."""
+    import torch
+
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu: {cpu_model()} ({os.cpu_count()} logical CPUs)"
+
+
+def command_line() -> str:
+    """The command this process was started with (python -m ... or a script path)."""
+    argv = getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]
+    return " ".join([Path(argv[0]).name, *argv[1:]])
+
+
+def environment(device=None, command: str | None = None) -> dict:
+    """Versions, device, CPU and host, for the results JSON (imports torch only)."""
     import torch
 
     info = {
         "host": socket.gethostname(),
         "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command or command_line(),
+        "device": device_description(device),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "load_average_at_end": load_average(),
         "torch": torch.__version__,
     }
@@ -143,7 +298,8 @@ def environment() -> dict:
 
     # Versions from the installed metadata: importing peft here would import
     # bitsandbytes and transformers into the parent just to read a string.
-    for name in ("transformers", "peft", "safetensors", "tokenizers", "numpy"):
+    for name in ("triton", "peft", "bitsandbytes", "transformers", "safetensors", "tokenizers", "numpy",
+                 "matplotlib"):
         try:
             info[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -178,3 +334,12 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
 
 def ratio(a, b) -> float | None:
     return a / b if a is not None and b else None
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """The same columns as print_table, as a Markdown (GitHub) table; '-' where a value is missing."""
+    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |",
+             "|" + "|".join("---" if f == "s" else "---:" for _, _, f in columns) + "|"]  # numbers right-aligned
+    for r in rows:
+        lines.append("| " + " | ".join(format(r[k], f) if r.get(k) is not None else "-" for k, _, f in columns) + " |")
+    return "\n".join(lines)
