@@ -1,11 +1,13 @@
 """Fresh dequantization outputs are backed by huge pages (fewer page faults), and are
 otherwise ordinary tensors."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
-from minilora.hugepages import HUGE_PAGE, MIN_BYTES, advise_huge_pages, empty_huge
+from minilora.hugepages import HUGE_PAGE, MIN_BYTES, advise_huge_pages
 from minilora.nf4 import dequantize_nf4, quantize_nf4
 
 
@@ -30,11 +32,22 @@ def _anon_huge_kb(t: torch.Tensor) -> int:
 
 
 def test_large_fresh_tensor_gets_huge_pages():
+    # In a fresh process: in a long-lived one the allocator may hand back memory that
+    # was already touched (no faults left to save, and nothing for the advice to change).
     assert _thp_mode() in ("always", "madvise"), "this machine's kernel has transparent huge pages off"
-    t = empty_huge((MIN_BYTES // 4 + 12345,), dtype=torch.float32)
-    assert t.shape == (MIN_BYTES // 4 + 12345,) and t.dtype == torch.float32 and t.is_contiguous()
-    t.fill_(1.0)  # first touch: the faults happen now
-    assert _anon_huge_kb(t) >= HUGE_PAGE // 1024, "no huge page behind a madvised tensor"
+    code = f"""
+import sys, torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_hugepages import _anon_huge_kb
+from minilora.hugepages import HUGE_PAGE, MIN_BYTES, empty_huge
+t = empty_huge((MIN_BYTES // 4 + 12345,), dtype=torch.float32)
+assert t.shape == (MIN_BYTES // 4 + 12345,) and t.dtype == torch.float32 and t.is_contiguous()
+t.fill_(1.0)  # first touch: the faults happen now
+print(_anon_huge_kb(t))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout.split()[-1]) >= HUGE_PAGE // 1024, "no huge page behind a madvised tensor"
 
 
 def test_small_and_non_cpu_tensors_are_left_alone():
