@@ -57,6 +57,16 @@ _UNSUPPORTED = {
 }
 
 
+def write_adapter_files(directory: Path, tensors: dict, peft_config: dict) -> Path:
+    """peft's two files, each written atomically: weights first, then the config, so a
+    folder with a config always has its weights."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_write(directory / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
 def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None,
                  *, name: str | None = None) -> Path:  # fmt: skip
     """Write adapter `name` (default: the active one) to `directory` in peft's format;
@@ -91,12 +101,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
         "layers_to_transform": None,
         "layers_pattern": None,
     }
-    directory.mkdir(parents=True, exist_ok=True)
-    # Weights first, then the config: a folder with a config always has its weights.
-    with atomic_write(directory / WEIGHTS_NAME) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-    atomic_write_text(directory / CONFIG_NAME, json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
-    return directory
+    return write_adapter_files(directory, tensors, peft_config)
 
 
 def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:

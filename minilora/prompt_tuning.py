@@ -52,13 +52,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from .atomic import atomic_write, atomic_write_text
+from .adapters import CONFIG_NAME, WEIGHTS_NAME, write_adapter_files
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 PROMPT_KEY = "prompt_embeddings"
 PREFIX = "base_model."  # peft's key prefix for the modules_to_save of a prompt-learning adapter
 
@@ -283,12 +280,7 @@ def save_prompt_tuning(model: PromptTuningModel, directory: str | os.PathLike,
         "revision": None,
         "auto_mapping": None,
     }
-    directory.mkdir(parents=True, exist_ok=True)
-    # Weights first, then the config: a folder with a config always has its weights.
-    with atomic_write(directory / WEIGHTS_NAME) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-    atomic_write_text(directory / CONFIG_NAME, json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
-    return directory
+    return write_adapter_files(directory, tensors, peft_config)
 
 
 def _read_raw_config(directory: Path) -> dict:
