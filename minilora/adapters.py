@@ -67,6 +67,16 @@ def write_adapter_files(directory: Path, tensors: dict, peft_config: dict) -> Pa
     return directory
 
 
+@torch.no_grad()
+def fill_adapter(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], is_trainable: bool) -> None:
+    """Copy checked saved tensors into the adapter's parameters; freeze them unless training on."""
+    for key, value in tensors.items():
+        params[key].copy_(value)
+    if not is_trainable:
+        for p in params.values():
+            p.requires_grad_(False)
+
+
 def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None,
                  *, name: str | None = None) -> Path:  # fmt: skip
     """Write adapter `name` (default: the active one) to `directory` in peft's format;
@@ -214,11 +224,5 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, is_trainable: b
             )
 
     wrapped = inject(model, config, name=name)
-    params = lora_state_dict(model, name)
-    with torch.no_grad():
-        for key, value in tensors.items():
-            params[key].copy_(value)
-    if not is_trainable:
-        for p in params.values():
-            p.requires_grad_(False)
+    fill_adapter(lora_state_dict(model, name), tensors, is_trainable)
     return wrapped

@@ -54,7 +54,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .adapters import CONFIG_NAME, WEIGHTS_NAME, write_adapter_files
+from .adapters import CONFIG_NAME, WEIGHTS_NAME, fill_adapter, write_adapter_files
 
 PROMPT_KEY = "prompt_embeddings"
 PREFIX = "base_model."  # peft's key prefix for the modules_to_save of a prompt-learning adapter
@@ -357,13 +357,7 @@ def load_prompt_tuning(model: nn.Module, directory: str | os.PathLike, is_traina
 
     # The saved values are the prompt: no init to run, so "text" needs no tokenizer here.
     wrapped = _wrap(model, dataclasses.replace(config, task_type=task_type), tensors[PROMPT_KEY], saved)
-    params = prompt_tuning_state_dict(wrapped)
-    with torch.no_grad():
-        for key, value in tensors.items():
-            params[key].copy_(value)
-    if not is_trainable:
-        for p in params.values():
-            p.requires_grad_(False)
+    fill_adapter(prompt_tuning_state_dict(wrapped), tensors, is_trainable)
     return wrapped
 
 

