@@ -114,17 +114,24 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
     return write_adapter_files(directory, tensors, peft_config)
 
 
-def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
-    """Parse a peft adapter_config.json into a LoraConfig, refusing what we cannot honour."""
-    path = Path(directory) / CONFIG_NAME
-    if not Path(directory).is_dir():
+def read_raw_config(directory: str | os.PathLike) -> dict:
+    """A peft adapter folder's adapter_config.json as a dict, with errors naming the path."""
+    directory = Path(directory)
+    path = directory / CONFIG_NAME
+    if not directory.is_dir():
         raise FileNotFoundError(f"adapter folder not found: {directory}")
     if not path.is_file():
         raise FileNotFoundError(f"adapter config not found: {path} (an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
+    """Parse a peft adapter_config.json into a LoraConfig, refusing what we cannot honour."""
+    path = Path(directory) / CONFIG_NAME
+    raw = read_raw_config(directory)
     if raw.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type is {raw['peft_type']!r}; minilora loads LoRA adapters only")
     for key, allowed in _UNSUPPORTED.items():

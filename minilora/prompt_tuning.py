@@ -44,7 +44,6 @@ On disk it is peft's prompt-tuning adapter, so peft loads ours and we load peft'
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -54,7 +53,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .adapters import CONFIG_NAME, WEIGHTS_NAME, fill_adapter, write_adapter_files
+from .adapters import CONFIG_NAME, WEIGHTS_NAME, fill_adapter, read_raw_config, write_adapter_files
 
 PROMPT_KEY = "prompt_embeddings"
 PREFIX = "base_model."  # peft's key prefix for the modules_to_save of a prompt-learning adapter
@@ -283,28 +282,15 @@ def save_prompt_tuning(model: PromptTuningModel, directory: str | os.PathLike,
     return write_adapter_files(directory, tensors, peft_config)
 
 
-def _read_raw_config(directory: Path) -> dict:
-    path = directory / CONFIG_NAME
-    if not directory.is_dir():
-        raise FileNotFoundError(f"adapter folder not found: {directory}")
-    if not path.is_file():
-        raise FileNotFoundError(f"adapter config not found: {path} (an adapter folder holds {CONFIG_NAME} "
-                                f"and {WEIGHTS_NAME})")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-
-
 def is_prompt_tuning_adapter(directory: str | os.PathLike) -> bool:
     """Whether `directory` holds a prompt-tuning adapter (rather than, say, LoRA)."""
-    return _read_raw_config(Path(directory)).get("peft_type") == "PROMPT_TUNING"
+    return read_raw_config(Path(directory)).get("peft_type") == "PROMPT_TUNING"
 
 
 def read_prompt_tuning_config(directory: str | os.PathLike) -> PromptTuningConfig:
     """Parse peft's adapter_config.json of a prompt-tuning adapter, refusing what we cannot honour."""
     directory = Path(directory)
-    raw = _read_raw_config(directory)
+    raw = read_raw_config(directory)
     where = directory / CONFIG_NAME
     if raw.get("peft_type") != "PROMPT_TUNING":
         raise ValueError(f"{where}: peft_type is {raw.get('peft_type')!r}, not 'PROMPT_TUNING'; "
