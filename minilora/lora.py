@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from .dora import DoRAMagnitude, base_weight
+from .lora_dropout import lora_dropout_update
 
 # The modules of the active adapter that sit directly on the layer.
 _MOUNTED = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector")
@@ -94,8 +95,13 @@ class LoRAAdapter(nn.Module):
         result_dtype = result.dtype
         x = x.to(self.lora_A.weight.dtype)
         if self.lora_magnitude_vector is None:
+            dropout = self.lora_dropout
+            if isinstance(dropout, nn.Dropout) and dropout.training:
+                # Keeps a byte mask instead of a float mask and x' per layer (lora_dropout.py).
+                out = lora_dropout_update(x, result, self.lora_A.weight, self.lora_B.weight, self.scaling, dropout.p)
+                return out.to(result_dtype)
             # Same order of operations as peft, so results agree to the last bit in fp32.
-            result = result + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+            result = result + self.lora_B(self.lora_A(dropout(x))) * self.scaling
             return result.to(result_dtype)
         # DoRA reuses the frozen output W0 x unless dropout changed the adapter's input.
         dropout = self.lora_dropout

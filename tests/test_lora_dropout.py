@@ -1,0 +1,120 @@
+"""LoRA's dropout branch (minilora/lora_dropout.py) against a float64 reference.
+
+The reference is the formula of the module docstring written with plain autograd in
+float64, fed the very mask the branch drew (same seed, same draws): outputs and the
+gradients of x, A and B must agree. The mask itself is checked for its drop rate,
+its independence across layers, and its reproduction under gradient checkpointing.
+"""
+
+import copy
+
+import pytest
+import torch
+
+import minilora
+from minilora import LoraConfig, inject
+from minilora.lora_dropout import dropout_keep_mask, drop_threshold, keep_scale, lora_dropout_update
+from test_models_llama_gpt2 import build_pair, padded_batch
+
+
+def reference(x, result, a, b, scaling, keep, c):
+    x, result, a, b = (t.double() for t in (x, result, a, b))
+    return result + (((x * keep) * c) @ a.t() @ b.t()) * scaling
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+@pytest.mark.parametrize("lead", [(7,), (2, 5)])
+def test_output_and_gradients_match_float64_reference(p, lead):
+    torch.manual_seed(0)
+    x = torch.randn(*lead, 12, requires_grad=True)
+    result = torch.randn(*lead, 9, requires_grad=True)
+    a = torch.randn(4, 12, requires_grad=True)
+    b = torch.randn(9, 4, requires_grad=True)
+    torch.manual_seed(5)
+    out = lora_dropout_update(x, result, a, b, 2.0, p)
+    torch.manual_seed(5)
+    keep = dropout_keep_mask(x.shape, p, x.device)
+    assert out.shape == (*lead, 9)
+    x64, r64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, result, a, b))
+    want = reference(x64, r64, a64, b64, 2.0, keep, keep_scale(p))
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    g = torch.randn(out.shape)
+    out.backward(g)
+    want.backward(g.double())
+    for got, ref in ((x, x64), (result, r64), (a, a64), (b, b64)):
+        torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-5, atol=1e-5)
+    # Dropped elements of x get only the frozen path's gradient: here none at all.
+    assert torch.all(x.grad[~keep] == 0)
+
+
+def test_mask_drop_rate_and_scale_keep_the_input_unbiased():
+    torch.manual_seed(1)
+    p = 0.05
+    keep = dropout_keep_mask((2000, 500), p, torch.device("cpu"))
+    drawn = drop_threshold(p) / 2**16
+    assert abs(drawn - p) <= 2**-17  # p rounded to a multiple of 2^-16
+    rate = 1 - keep.double().mean().item()
+    assert abs(rate - drawn) < 5 * (drawn * (1 - drawn) / keep.numel()) ** 0.5
+    assert keep_scale(p) == pytest.approx(1 / (1 - drawn), rel=1e-12)
+    # Columns are not correlated with rows: every one of the 500 columns drops some.
+    assert bool((~keep).any(0).all())
+    # Two draws differ (independent masks for q, k and v reading the same x).
+    assert not torch.equal(keep, dropout_keep_mask((2000, 500), p, torch.device("cpu")))
+
+
+def test_layer_uses_the_branch_in_training_and_plain_path_in_eval():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 8)
+    layer = minilora.LoRALinear(linear, r=4, alpha=4, dropout=0.5)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    layer.train()
+    x = torch.randn(5, 16)
+    torch.manual_seed(123)
+    got = layer(x)
+    torch.manual_seed(123)
+    keep = dropout_keep_mask(x.shape, 0.5, x.device)
+    # Dropout acts on the adapter input only: the frozen path sees the clean x.
+    want = linear(x) + layer.lora_B(layer.lora_A(x * keep * keep_scale(0.5))) * layer.scaling
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    layer.eval()
+    torch.testing.assert_close(layer(x), linear(x) + layer.lora_B(layer.lora_A(x)) * layer.scaling)
+
+
+def test_bf16_base_keeps_fp32_adapter_gradients():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 8).to(torch.bfloat16)
+    layer = minilora.LoRALinear(linear, r=4, alpha=8, dropout=0.1)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    layer.train()
+    x = torch.randn(3, 16, dtype=torch.bfloat16, requires_grad=True)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert layer.lora_A.weight.grad.dtype == torch.float32 and layer.lora_B.weight.grad.dtype == torch.float32
+    assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad).all()
+
+
+def test_gradient_checkpointing_redraws_the_same_masks():
+    _, ours = build_pair("llama_gqa")
+    inject(ours, LoraConfig(r=4, alpha=8, dropout=0.3, target_modules="all-linear"))
+    for name, p in ours.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    ours.train()
+    ids, mask, labels = padded_batch("right")
+    grads = []
+    for flag in (False, True):
+        ours.gradient_checkpointing = flag
+        ours.zero_grad()
+        torch.manual_seed(9)
+        ours(ids, attention_mask=mask, labels=labels).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in ours.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
+    # And the masks do matter: another seed gives other gradients.
+    ours.zero_grad()
+    torch.manual_seed(10)
+    ours(ids, attention_mask=mask, labels=labels).loss.backward()
+    name = next(n for n in grads[0] if "lora_A" in n)
+    assert not torch.allclose(dict(ours.named_parameters())[name].grad, grads[0][name])
