@@ -160,6 +160,11 @@ class PromptTuningModel(nn.Module):
     def num_virtual_tokens(self) -> int:
         return self.prompt_embeddings.shape[0]
 
+    @property
+    def fused_lm_loss(self) -> bool:
+        """Whether the base model takes labels= with return_logits=False (see train.loss_sum)."""
+        return bool(getattr(self.base_model, "fused_lm_loss", False))
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.base_model.get_input_embeddings()
 
@@ -197,7 +202,7 @@ class PromptTuningModel(nn.Module):
                  "kv_cache": kv_cache}
         kwargs.update({k: v for k, v in extra.items() if v is not None})
         out = self.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
-        if causal and prepend:
+        if causal and prepend and out.logits is not None:
             out = dataclasses.replace(out, logits=out.logits[:, n:])
         return out
 

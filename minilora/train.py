@@ -99,8 +99,19 @@ def target_count(batch: dict, task: str) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-def loss_sum(model: nn.Module, batch: dict, task: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of per-item losses, logits) for one micro-batch."""
+def _computes_own_lm_loss(model: nn.Module) -> bool:
+    """Whether the model takes labels= and return_logits=False (our causal LMs do)."""
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return bool(getattr(inner, "fused_lm_loss", False))
+
+
+def loss_sum(model: nn.Module, batch: dict, task: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(sum of per-item losses, logits) for one micro-batch; logits are None when our
+    causal LMs compute the loss from hidden states without building them."""
+    if task != CLASSIFICATION and _computes_own_lm_loss(model):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                    return_logits=False)
+        return out.loss_sum, out.logits
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     if task == CLASSIFICATION:
         return F.cross_entropy(logits.float(), batch["labels"], reduction="sum"), logits

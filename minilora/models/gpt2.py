@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .kv_cache import KVCache, build_attention_mask, start_forward
-from .llama import CausalLMOutput, causal_lm_loss
+from .lm_head import CausalLMOutput, causal_lm_head
 
 ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -158,6 +158,9 @@ class GPT2Block(nn.Module):
 
 
 class GPT2LMHeadModel(nn.Module):
+    # model(..., labels=..., return_logits=False) gives the loss without the logits (lm_head.py).
+    fused_lm_loss = True
+
     def __init__(self, config: GPT2Config):
         super().__init__()
         self.config = config
@@ -220,6 +223,7 @@ class GPT2LMHeadModel(nn.Module):
         kv_cache: KVCache | None = None,
         use_cache: bool = False,
         inputs_embeds: torch.Tensor | None = None,
+        return_logits: bool = True,
     ) -> CausalLMOutput:
         kv_cache, past, checkpointing = start_forward(self, input_ids, inputs_embeds, kv_cache, use_cache)
         tok = self.transformer.wte(input_ids) if inputs_embeds is None else inputs_embeds
@@ -239,6 +243,5 @@ class GPT2LMHeadModel(nn.Module):
                 x = checkpoint(block, x, mask, use_reentrant=False)
             else:
                 x = block(x, mask, kv_cache)
-        logits = self.lm_head(self.transformer.ln_f(x))
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return CausalLMOutput(loss=loss, logits=logits, kv_cache=kv_cache)
+        logits, loss, loss_sum = causal_lm_head(self.lm_head, self.transformer.ln_f(x), labels, return_logits)
+        return CausalLMOutput(loss=loss, logits=logits, kv_cache=kv_cache, loss_sum=loss_sum)

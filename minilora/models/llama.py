@@ -53,30 +53,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .kv_cache import KVCache, build_attention_mask, start_forward
+from .lm_head import CausalLMOutput, causal_lm_head
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu}
-
-
-@dataclass
-class CausalLMOutput:
-    loss: torch.Tensor | None
-    logits: torch.Tensor
-    kv_cache: KVCache | None = None
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy: position t predicts labels[t + 1].
-
-    Computed in fp32 (bf16 log-softmax over a 128k vocabulary loses digits) and
-    averaged over labels that are not -100, exactly like transformers.
-    """
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:].to(logits.device)
-    return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100
-    )
 
 
 @dataclass
@@ -305,6 +286,9 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    # model(..., labels=..., return_logits=False) gives the loss without the logits (lm_head.py).
+    fused_lm_loss = True
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
@@ -367,6 +351,7 @@ class LlamaForCausalLM(nn.Module):
         kv_cache: KVCache | None = None,
         use_cache: bool = False,
         inputs_embeds: torch.Tensor | None = None,
+        return_logits: bool = True,
     ) -> CausalLMOutput:
         kv_cache, past, checkpointing = start_forward(self, input_ids, inputs_embeds, kv_cache, use_cache)
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -386,6 +371,5 @@ class LlamaForCausalLM(nn.Module):
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, kv_cache)
-        logits = self.lm_head(self.model.norm(x))
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return CausalLMOutput(loss=loss, logits=logits, kv_cache=kv_cache)
+        logits, loss, loss_sum = causal_lm_head(self.lm_head, self.model.norm(x), labels, return_logits)
+        return CausalLMOutput(loss=loss, logits=logits, kv_cache=kv_cache, loss_sum=loss_sum)
