@@ -139,8 +139,72 @@ def _hf_setup(job: dict, checkpointing: bool, bnb4: bool = False):
     return model, loss_of, optimizer
 
 
+def floor_child(job_path: str) -> dict:
+    """The work every stack must do in a step, timed alone on random tensors of the model's shapes.
+
+    Per layer: the seven frozen projections forward (x W^T) and their input gradients
+    backward (dy W), and causal attention forward + backward (SDPA, as both stacks
+    call it); then the LM head forward and backward on the batch's target rows. No
+    adapter, no norm, no activation, no optimizer: a step can take no less than this.
+    """
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+
+    job = json.loads(Path(job_path).read_text())
+    cfg = json.loads((Path(job["model_dir"]) / "config.json").read_text())
+    hidden, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    head_dim = cfg.get("head_dim") or hidden // heads
+    labels = load_file(job["batches"])["labels"]
+    batch, seq = labels.shape[1:]
+    n, targets = batch * seq, int((labels[:, :, 1:] != -100).sum(dim=(1, 2)).float().mean())
+    q_out, kv_out = heads * head_dim, kv_heads * head_dim
+    shapes = [(hidden, q_out), (hidden, kv_out), (hidden, kv_out), (q_out, hidden),
+              (hidden, inter), (hidden, inter), (inter, hidden)]  # (in, out) of the seven projections
+    weights = [torch.randn(o, i) * 0.02 for i, o in shapes]
+    xs = {i: torch.randn(n, i) for i, _ in shapes}
+    gs = {o: torch.randn(n, o) for _, o in shapes}
+    head = torch.randn(cfg["vocab_size"], hidden) * 0.02
+    head_x, head_g = torch.randn(targets, hidden), torch.randn(targets, cfg["vocab_size"])
+    q = torch.randn(batch, heads, seq, head_dim, requires_grad=True)
+    k = torch.randn(batch, kv_heads, seq, head_dim, requires_grad=True)
+    v = torch.randn(batch, kv_heads, seq, head_dim, requires_grad=True)
+    dy = torch.randn(batch, heads, seq, head_dim)
+
+    def matmuls():
+        for _ in range(layers):
+            for (i, o), w in zip(shapes, weights):
+                xs[i] @ w.t()
+                gs[o] @ w
+        head_x @ head.t()
+        head_g @ head
+
+    def attention():
+        for _ in range(layers):
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv_heads < heads)
+            y.backward(dy)
+
+    def median_s(fn, rounds=3):
+        fn()
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    gemm_s, attention_s = median_s(matmuls), median_s(attention)
+    gflop = 2 * 2 * (n * sum(i * o for i, o in shapes) * layers + targets * hidden * cfg["vocab_size"]) / 1e9
+    return {"stack": "floor", "matmul_s": gemm_s, "attention_s": attention_s, "floor_s": gemm_s + attention_s,
+            "matmul_gflop": gflop, "matmul_gflops_per_s": gflop / gemm_s, "torch_threads": torch.get_num_threads()}
+
+
 def child(mode: str, stack: str, checkpointing: str, job_path: str) -> dict:
-    """mode "check": the loss of batch 0, no training; mode "time": warm-up + timed steps."""
+    """mode "check": the loss of batch 0, no training; mode "time": warm-up + timed steps;
+    mode "floor": the shared work alone (floor_child)."""
+    if mode == "floor":
+        return floor_child(job_path)
     t_start = time.perf_counter()
     import torch
     from safetensors.torch import load_file
@@ -344,6 +408,11 @@ def run(steps: int = 5, seq_len: int = 256, batch_size: int = 4, repeats: int = 
                 f"{row['tokens_per_s']:.0f} tok/s  peak RSS {row['peak_rss_mb']:.0f} MB  "
                 f"first loss {row['first_loss']:.6f}")
 
+        # Once, after the stacks: what no stack can avoid (frozen matmuls + attention).
+        floor = common.run_child(script, ["floor", "floor", "off", str(job_path)], "shared floor")
+        log(f"shared floor: frozen matmuls {floor['matmul_s']:.2f} s ({floor['matmul_gflops_per_s']:.0f} GFLOP/s) "
+            f"+ attention {floor['attention_s']:.2f} s = {floor['floor_s']:.2f} s per step")
+
     combos = [c for c in combos if runs[c]]
     first_losses = {f"{s}:{c}-{k}": r["first_loss"] for (s, c), rs in runs.items() for k, r in enumerate(rs)}
     timed_ok, timed_spread = check_groups(first_losses)
@@ -362,6 +431,9 @@ def run(steps: int = 5, seq_len: int = 256, batch_size: int = 4, repeats: int = 
         rss = common.ratio(ours["peak_rss_mb"], hf["peak_rss_mb"])
         above = common.ratio(ours["peak_above_baseline_mb"], hf["peak_above_baseline_mb"])
         ratios[key] = {"tokens_per_s": tps, "peak_rss": rss, "peak_above_baseline": above}
+        if key != "qlora":
+            # If everything but the shared floor took no time at all, minilora would be this much faster.
+            ratios[key]["tokens_per_s_ceiling"] = common.ratio(hf["step_s"], floor["floor_s"])
         verdicts[key] = {"tokens_per_s": tps >= GOALS["tokens_per_s_ratio"], "peak_rss": rss <= GOALS["peak_rss_ratio"]}
 
     check_values = {s: r["first_loss"] for s, r in check.items()}
@@ -377,7 +449,7 @@ def run(steps: int = 5, seq_len: int = 256, batch_size: int = 4, repeats: int = 
                        "timed_runs": first_losses,
                        "ok": timed_ok and (not check or check_groups(check_values)[0])},
         "qlora_unavailable": qlora_unavailable,
-        "goals": GOALS, "results": rows, "ratios_minilora_over_hf": ratios, "goals_met": verdicts,
+        "floor": floor, "goals": GOALS, "results": rows, "ratios_minilora_over_hf": ratios, "goals_met": verdicts,
         "check_children": check,
         "runs": {f"{s}-{c}": rs for (s, c), rs in runs.items()},
     }
@@ -406,6 +478,14 @@ def ratio_lines(record: dict) -> list[str]:
                      f"{'meets' if v['tokens_per_s'] else 'MISSES'}), peak RSS {r['peak_rss']:.2f}x "
                      f"(goal <= {GOALS['peak_rss_ratio']}x: {'meets' if v['peak_rss'] else 'MISSES'}), "
                      f"above baseline {r['peak_above_baseline']:.2f}x")
+    floor = record.get("floor")
+    if floor:
+        ceilings = [f"{r['tokens_per_s_ceiling']:.2f}x with checkpointing {k}"
+                    for k, r in record["ratios_minilora_over_hf"].items() if "tokens_per_s_ceiling" in r]
+        lines.append(f"shared floor (frozen fp32 matmuls {floor['matmul_s']:.2f} s at {floor['matmul_gflops_per_s']:.0f} "
+                     f"GFLOP/s + attention {floor['attention_s']:.2f} s = {floor['floor_s']:.2f} s a step, no adapter): "
+                     f"even at zero cost for everything else, minilora / hf tokens/s could reach at most "
+                     + ", ".join(ceilings))
     for stack, reason in record.get("qlora_unavailable", {}).items():
         lines.append(f"{STACK_LABELS[stack]}: not timed, its CPU training step failed: {reason}")
     return lines
