@@ -19,7 +19,8 @@ every child reads, so both stacks see identical input_ids / attention_mask / lab
 - minilora: load_model + inject, a hand-written step: minilora.train.loss_sum (summed
   token cross-entropy) / target_count, backward, AdamW from minilora.train.make_optimizer,
   zero_grad(set_to_none=True); this is what minilora.train.train() does per step, minus
-  gradient clipping, scheduling and logging.
+  gradient clipping, scheduling and logging. Like train(), it runs with freed memory
+  held for reuse (minilora/cpu_memory.py: glibc's mmap/trim thresholds).
 - hf: AutoModelForCausalLM.from_pretrained(dtype=float32) + peft get_peft_model with
   the same LoraConfig; the same step with the model's own loss (labels=..., use_cache=False)
   and torch AdamW over the trainable parameters.
@@ -57,6 +58,7 @@ tokens/s minilora/hf >= 1.5x and peak RSS minilora/hf <= 0.8x, per checkpointing
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -78,6 +80,7 @@ STACKS = ("minilora", "hf")
 QLORA_STACKS = ("minilora-nf4", "hf-bnb4")
 # Stacks whose first losses must agree: same base weights (fp32, or the same NF4 bytes).
 LOSS_GROUPS = {"fp32": STACKS, "nf4": QLORA_STACKS}
+_HELD = contextlib.ExitStack()
 GOALS = {"tokens_per_s_ratio": 1.5, "peak_rss_ratio": 0.8}
 LOSS_TOLERANCE = 1e-4
 
@@ -90,7 +93,11 @@ def _minilora_setup(job: dict, checkpointing: bool, nf4: bool = False):
 
     from minilora.inject import LoraConfig, inject
     from minilora.loading import load_model
+    from minilora.cpu_memory import hold_freed_memory
     from minilora.train import loss_sum, make_optimizer, target_count
+
+    # train() runs its loop inside this on the CPU; the child keeps it until it exits.
+    _HELD.enter_context(hold_freed_memory())
 
     quant = dict(quantize="nf4", double_quant=True, blocksize=64) if nf4 else {}
     model = load_model(job["model_dir"], task="causal-lm", dtype=torch.float32, **quant)

@@ -133,6 +133,7 @@ class TrainSection:
     resume_from: str | None = None
     device: str = "auto"
     precision: str = "auto"                   # auto: bf16 autocast on CUDA, fp32 on CPU
+    hold_cpu_memory: bool = True              # CPU, glibc: reuse freed memory across steps (cpu_memory.py)
 
 
 @dataclass

@@ -38,6 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from .cpu_memory import hold_freed_memory
 from .batching import collate, make_batches, shard_batches
 from .metrics import accuracy, confusion_matrix, macro_f1, perplexity
 from .schedule import lr_at, warmup_steps_for
@@ -249,63 +250,65 @@ def train(model: nn.Module, train_set: list[dict], eval_set: list[dict] | None, 
         _log(out, {"step": state.step, "epoch": state.epoch, **{f"eval_{k}": v for k, v in metrics.items()}})
         return metrics
 
-    bar = tqdm(total=total_steps, initial=state.step, disable=not progress or rank != 0, desc="train")
-    last_eval, last_eval_step, stop = None, -1, False
-    tokens, t0 = 0, time.perf_counter()
-    while state.step < total_steps and not stop:
-        batches = shard_batches(batches_of(state.epoch), rank, world)
-        groups = [batches[i:i + args.grad_accum] for i in range(0, len(batches), args.grad_accum)]
-        while state.group_in_epoch < len(groups) and state.step < total_steps:
-            micro = [_to(collate([train_set[i] for i in idx], pad_token_id, padding_side), device)
-                     for idx in groups[state.group_in_epoch]]
-            n = _all_reduce(torch.tensor(float(sum(target_count(b, task) for b in micro))), world).item()
-            group_loss = 0.0
-            for k, batch in enumerate(micro):
-                # Gradients are averaged across processes only on the group's last backward.
-                sync = contextlib.nullcontext() if world == 1 or k == len(micro) - 1 else ddp.no_sync()
-                with sync:
-                    with autocast():
-                        loss = loss_sum(ddp, batch, task)[0]  # logits not kept alive through backward
-                    (loss * (world / max(n, 1.0))).backward()
-                group_loss += loss.item()
-                tokens += int(batch["attention_mask"].sum())
-            group_loss = _all_reduce(torch.tensor(group_loss), world).item() / max(n, 1.0)
+    # On the CPU, freed activations stay in the process for the next step (cpu_memory.py).
+    with hold_freed_memory(device.type == "cpu" and getattr(args, "hold_cpu_memory", True)):
+        bar = tqdm(total=total_steps, initial=state.step, disable=not progress or rank != 0, desc="train")
+        last_eval, last_eval_step, stop = None, -1, False
+        tokens, t0 = 0, time.perf_counter()
+        while state.step < total_steps and not stop:
+            batches = shard_batches(batches_of(state.epoch), rank, world)
+            groups = [batches[i:i + args.grad_accum] for i in range(0, len(batches), args.grad_accum)]
+            while state.group_in_epoch < len(groups) and state.step < total_steps:
+                micro = [_to(collate([train_set[i] for i in idx], pad_token_id, padding_side), device)
+                         for idx in groups[state.group_in_epoch]]
+                n = _all_reduce(torch.tensor(float(sum(target_count(b, task) for b in micro))), world).item()
+                group_loss = 0.0
+                for k, batch in enumerate(micro):
+                    # Gradients are averaged across processes only on the group's last backward.
+                    sync = contextlib.nullcontext() if world == 1 or k == len(micro) - 1 else ddp.no_sync()
+                    with sync:
+                        with autocast():
+                            loss = loss_sum(ddp, batch, task)[0]  # logits not kept alive through backward
+                        (loss * (world / max(n, 1.0))).backward()
+                    group_loss += loss.item()
+                    tokens += int(batch["attention_mask"].sum())
+                group_loss = _all_reduce(torch.tensor(group_loss), world).item() / max(n, 1.0)
 
-            if args.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
-            lr = lr_at(state.step, base_lr=args.lr, total_steps=total_steps, warmup_steps=warmup,
-                       schedule=args.schedule, min_lr_ratio=args.min_lr_ratio)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                if args.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
+                lr = lr_at(state.step, base_lr=args.lr, total_steps=total_steps, warmup_steps=warmup,
+                           schedule=args.schedule, min_lr_ratio=args.min_lr_ratio)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
 
-            state.step += 1
-            state.group_in_epoch += 1
-            epoch_done = state.group_in_epoch == len(groups)
-            if epoch_done:
-                state.epoch, state.group_in_epoch = state.epoch + 1, 0
-            record = {"step": state.step, "epoch": state.epoch, "loss": group_loss, "lr": lr}
-            state.history.append(record)
-            elapsed = time.perf_counter() - t0
-            bar.update(1)
-            bar.set_postfix(loss=f"{group_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens * world / elapsed:,.0f}")
-            if state.step % args.log_every == 0 or state.step == total_steps:
-                _log(out, {**record, "tokens_per_s": tokens * world / elapsed})
+                state.step += 1
+                state.group_in_epoch += 1
+                epoch_done = state.group_in_epoch == len(groups)
+                if epoch_done:
+                    state.epoch, state.group_in_epoch = state.epoch + 1, 0
+                record = {"step": state.step, "epoch": state.epoch, "loss": group_loss, "lr": lr}
+                state.history.append(record)
+                elapsed = time.perf_counter() - t0
+                bar.update(1)
+                bar.set_postfix(loss=f"{group_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens * world / elapsed:,.0f}")
+                if state.step % args.log_every == 0 or state.step == total_steps:
+                    _log(out, {**record, "tokens_per_s": tokens * world / elapsed})
 
-            if (args.eval_every and state.step % args.eval_every == 0) or epoch_done or state.step == total_steps:
-                last_eval, last_eval_step = run_eval(), state.step
-                if last_eval is not None and args.early_stopping_patience and \
-                        state.bad_evals >= args.early_stopping_patience:
-                    stop = True
-            if args.save_every and (state.step % args.save_every == 0 or stop) and out_dir is not None:
-                if rank == 0:
-                    save_checkpoint(out_dir, model, optimizer, state.__dict__, keep_last=keep_last)
-                if world > 1:
-                    dist.barrier()
-            if stop or epoch_done:  # a new epoch needs its own batch order: recompute it
-                break
-    bar.close()
+                if (args.eval_every and state.step % args.eval_every == 0) or epoch_done or state.step == total_steps:
+                    last_eval, last_eval_step = run_eval(), state.step
+                    if last_eval is not None and args.early_stopping_patience and \
+                            state.bad_evals >= args.early_stopping_patience:
+                        stop = True
+                if args.save_every and (state.step % args.save_every == 0 or stop) and out_dir is not None:
+                    if rank == 0:
+                        save_checkpoint(out_dir, model, optimizer, state.__dict__, keep_last=keep_last)
+                    if world > 1:
+                        dist.barrier()
+                if stop or epoch_done:  # a new epoch needs its own batch order: recompute it
+                    break
+        bar.close()
     if last_eval_step != state.step:
         last_eval = run_eval()
 

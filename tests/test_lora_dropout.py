@@ -13,7 +13,7 @@ import torch
 
 import minilora
 from minilora import LoraConfig, inject
-from minilora.lora_dropout import dropout_keep_mask, drop_threshold, keep_scale, lora_dropout_update
+from minilora.lora_dropout import dropout_drop_mask, drop_threshold, keep_scale, lora_dropout_update
 from test_models_llama_gpt2 import build_pair, padded_batch
 
 
@@ -30,12 +30,13 @@ def test_output_and_gradients_match_float64_reference(p, lead):
     result = torch.randn(*lead, 9, requires_grad=True)
     a = torch.randn(4, 12, requires_grad=True)
     b = torch.randn(9, 4, requires_grad=True)
-    torch.manual_seed(5)
-    out = lora_dropout_update(x, result, a, b, 2.0, p)
-    torch.manual_seed(5)
-    keep = dropout_keep_mask(x.shape, p, x.device)
-    assert out.shape == (*lead, 9)
     x64, r64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, result, a, b))
+    torch.manual_seed(5)
+    # result * 1: a fresh non-leaf, as the frozen layer's output is (it is updated in place).
+    out = lora_dropout_update(x, result * 1, a, b, 2.0, p)
+    torch.manual_seed(5)
+    keep = ~dropout_drop_mask(x.shape, p, x.device)
+    assert out.shape == (*lead, 9)
     want = reference(x64, r64, a64, b64, 2.0, keep, keep_scale(p))
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
     g = torch.randn(out.shape)
@@ -50,7 +51,7 @@ def test_output_and_gradients_match_float64_reference(p, lead):
 def test_mask_drop_rate_and_scale_keep_the_input_unbiased():
     torch.manual_seed(1)
     p = 0.05
-    keep = dropout_keep_mask((2000, 500), p, torch.device("cpu"))
+    keep = ~dropout_drop_mask((2000, 500), p, torch.device("cpu"))
     drawn = drop_threshold(p) / 2**16
     assert abs(drawn - p) <= 2**-17  # p rounded to a multiple of 2^-16
     rate = 1 - keep.double().mean().item()
@@ -59,7 +60,7 @@ def test_mask_drop_rate_and_scale_keep_the_input_unbiased():
     # Columns are not correlated with rows: every one of the 500 columns drops some.
     assert bool((~keep).any(0).all())
     # Two draws differ (independent masks for q, k and v reading the same x).
-    assert not torch.equal(keep, dropout_keep_mask((2000, 500), p, torch.device("cpu")))
+    assert not torch.equal(keep, ~dropout_drop_mask((2000, 500), p, torch.device("cpu")))
 
 
 def test_layer_uses_the_branch_in_training_and_plain_path_in_eval():
@@ -72,7 +73,7 @@ def test_layer_uses_the_branch_in_training_and_plain_path_in_eval():
     torch.manual_seed(123)
     got = layer(x)
     torch.manual_seed(123)
-    keep = dropout_keep_mask(x.shape, 0.5, x.device)
+    keep = ~dropout_drop_mask(x.shape, 0.5, x.device)
     # Dropout acts on the adapter input only: the frozen path sees the clean x.
     want = linear(x) + layer.lora_B(layer.lora_A(x * keep * keep_scale(0.5))) * layer.scaling
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
@@ -118,3 +119,23 @@ def test_gradient_checkpointing_redraws_the_same_masks():
     ours(ids, attention_mask=mask, labels=labels).loss.backward()
     name = next(n for n in grads[0] if "lora_A" in n)
     assert not torch.allclose(dict(ours.named_parameters())[name].grad, grads[0][name])
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_in_place_update_of_the_frozen_output_keeps_gradients_right(bias):
+    # A biased nn.Linear on 3-D input returns a view; without bias a plain tensor. Both
+    # must give the frozen path's input gradient plus the adapter's, as plain autograd does.
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 23, bias=bias)
+    a, b = torch.randn(4, 16, requires_grad=True), torch.randn(23, 4, requires_grad=True)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    torch.manual_seed(3)
+    out = lora_dropout_update(x, linear(x), a, b, 2.0, 0.2)
+    out.backward(torch.ones_like(out))
+    torch.manual_seed(3)
+    keep = ~dropout_drop_mask(x.shape, 0.2, x.device)
+    x2 = x.detach().clone().requires_grad_()
+    want = linear(x2) + ((x2 * keep * keep_scale(0.2)) @ a.detach().t() @ b.detach().t()) * 2.0
+    want.backward(torch.ones_like(want))
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
