@@ -14,7 +14,7 @@ import torch
 import minilora
 from minilora import LoraConfig, inject
 from minilora.lora_dropout import dropout_drop_mask, drop_threshold, keep_scale, lora_dropout_update
-from test_models_llama_gpt2 import build_pair, padded_batch
+from test_models_llama_gpt2 import build_pair, grads_without_and_with_checkpointing, padded_batch
 
 
 def reference(x, result, a, b, scaling, keep, c):
@@ -103,13 +103,7 @@ def test_gradient_checkpointing_redraws_the_same_masks():
             torch.nn.init.normal_(p, std=0.1)
     ours.train()
     ids, mask, labels = padded_batch("right")
-    grads = []
-    for flag in (False, True):
-        ours.gradient_checkpointing = flag
-        ours.zero_grad()
-        torch.manual_seed(9)
-        ours(ids, attention_mask=mask, labels=labels).loss.backward()
-        grads.append({n: p.grad.clone() for n, p in ours.named_parameters() if p.grad is not None})
+    grads = grads_without_and_with_checkpointing(ours, ids, mask, labels, seed=9)
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)

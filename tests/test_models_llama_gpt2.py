@@ -234,6 +234,20 @@ def test_unsupported_configs_name_the_problem():
         GPT2Config.from_hf({"model_type": "llama"})
 
 
+def grads_without_and_with_checkpointing(model, ids, mask, labels, seed=None):
+    """The parameters' gradients of one batch, gradient checkpointing off and then on;
+    `seed` reseeds before each forward (for dropout)."""
+    grads = []
+    for flag in (False, True):
+        model.gradient_checkpointing = flag
+        model.zero_grad()
+        if seed is not None:
+            torch.manual_seed(seed)
+        model(ids, attention_mask=mask, labels=labels).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    return grads
+
+
 @pytest.mark.parametrize("case", ["llama_gqa", "gpt2"])
 def test_gradient_checkpointing_gives_same_gradients(case):
     _, ours = build_pair(case)
@@ -245,12 +259,7 @@ def test_gradient_checkpointing_gives_same_gradients(case):
             block.attn.attn_pdrop = 0.0
     ours.train()
     ids, mask, labels = padded_batch("right")
-    grads = []
-    for flag in (False, True):
-        ours.gradient_checkpointing = flag
-        ours.zero_grad()
-        ours(ids, attention_mask=mask, labels=labels).loss.backward()
-        grads.append({n: p.grad.clone() for n, p in ours.named_parameters()})
+    grads = grads_without_and_with_checkpointing(ours, ids, mask, labels)
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="use_cache=False"):
