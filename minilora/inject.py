@@ -205,11 +205,11 @@ def _modules_to_save_entries(model: nn.Module, config: LoraConfig) -> tuple[list
     return given, auto
 
 
-def resolve_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Full names of the modules that train in full. Like peft, an entry matches
-    any module whose name ends with it (so `classifier` also takes `pre_classifier`)."""
-    given, auto = _modules_to_save_entries(model, config)
-    entries = given + auto
+def match_modules_to_save(model: nn.Module, given: list[str], auto: list[str] = ()) -> list[str]:
+    """Full names of the modules that the entries `given` (by the user) and `auto` (added
+    for the task) name. Like peft, an entry matches any module whose name ends with it
+    (so `classifier` also takes `pre_classifier`); the outermost match wins."""
+    entries = list(given) + [a for a in auto if a not in given]
     chosen: list[str] = []
     for name, _ in _adapter_free_modules(model):
         if name and any(name.endswith(e) for e in entries) and not any(name.startswith(c + ".") for c in chosen):
@@ -220,6 +220,14 @@ def resolve_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
     if missing:
         top = [n for n, _ in model.named_children()]
         raise ValueError(f"modules_to_save entries {missing} match no module; the model's top-level modules are {top}")
+    return chosen
+
+
+def resolve_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Full names of the modules that train in full. Like peft, an entry matches
+    any module whose name ends with it (so `classifier` also takes `pre_classifier`)."""
+    given, auto = _modules_to_save_entries(model, config)
+    chosen = match_modules_to_save(model, given, auto)
     for name in chosen:
         module = model.get_submodule(name)
         if any(isinstance(m, LoRALinear) for m in module.modules()):

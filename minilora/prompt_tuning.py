@@ -54,6 +54,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .adapters import CONFIG_NAME, WEIGHTS_NAME, fill_adapter, read_raw_config, write_adapter_files
+from .inject import match_modules_to_save
 
 PROMPT_KEY = "prompt_embeddings"
 PREFIX = "base_model."  # peft's key prefix for the modules_to_save of a prompt-learning adapter
@@ -102,20 +103,9 @@ def _infer_task_type(model: nn.Module) -> str:
 
 
 def _modules_to_save(model: nn.Module, entries: list[str], task_type: str) -> list[str]:
-    """Full names of the modules that train in full, by peft's rule: a module whose
-    name ends with an entry (so "classifier" also takes DistilBERT's pre_classifier)."""
-    if task_type == "SEQ_CLS":
-        entries = entries + [h for h in SEQ_CLS_HEAD_NAMES if h not in entries]
-    chosen: list[str] = []
-    for name, _ in model.named_modules():
-        if name and any(name.endswith(e) for e in entries) and not any(name.startswith(c + ".") for c in chosen):
-            chosen.append(name)
-    # peft lists both head names for every classifier; only other misses are mistakes.
-    missing = [e for e in entries if e not in SEQ_CLS_HEAD_NAMES and not any(c.endswith(e) for c in chosen)]
-    if missing:
-        top = [n for n, _ in model.named_children()]
-        raise ValueError(f"modules_to_save entries {missing} match no module; the model's top-level modules are {top}")
-    return chosen
+    """Full names of the modules that train in full, by peft's rule (inject.match_modules_to_save);
+    a classifier's head names are added for SEQ_CLS."""
+    return match_modules_to_save(model, entries, list(SEQ_CLS_HEAD_NAMES) if task_type == "SEQ_CLS" else [])
 
 
 def _init_prompt(config: PromptTuningConfig, word_embeddings: nn.Embedding, tokenizer) -> torch.Tensor:
