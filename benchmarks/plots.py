@@ -19,6 +19,12 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)  # pyplot keeps every open figure alive otherwise
+
+
 def grouped_bars(ax, groups: list[str], series: dict[str, list], ylabel: str, title: str, log: bool = False):
     """Bars of `series` (name -> one value per group; None leaves a gap), labelled with their values."""
     width = 0.8 / max(len(series), 1)
@@ -52,9 +58,7 @@ def lora_linear(record: dict, path: Path) -> None:
         if key == "fwd_bwd_ms":
             ax.axhline(trainable[key], color="gray", lw=1, ls="--", label="nn.Linear, trainable W")
         ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def nf4(record: dict, path: Path) -> None:
@@ -75,9 +79,7 @@ def nf4(record: dict, path: Path) -> None:
         shape = "x".join(map(str, record["settings"]["linear_shape"]))
         grouped_bars(axes[0][1], cases, {st: [value.get((c, st)) for c in cases] for st in stacks},
                      "ms (median, log scale)", f"layer forward, {shape} NF4 weight", log=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def train_step(record: dict, path: Path) -> None:
@@ -97,9 +99,7 @@ def train_step(record: dict, path: Path) -> None:
         grouped_bars(ax, cases, {f: [value.get((c, f)) for c in cases] for f in dict.fromkeys(family.values())},
                      label, f"SmolLM2-135M LoRA step, {record['settings']['batch_size']} x "
                             f"{record['settings']['seq_len']} tokens")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def load(record: dict, path: Path) -> None:
@@ -113,9 +113,7 @@ def load(record: dict, path: Path) -> None:
     grouped_bars(ax, dtypes, {st: [value.get((d, st)) for d in dtypes] for st in stacks},
                  "peak RSS above baseline, MB", "loading SmolLM2-135M (weights: black ticks)")
     ax.scatter(range(len(dtypes)), [weights[d] for d in dtypes], marker="_", s=900, color="black", zorder=3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 PLOTS = {"lora_linear": lora_linear, "nf4": nf4, "train_step": train_step, "load": load}
