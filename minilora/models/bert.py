@@ -109,8 +109,13 @@ def classification_loss(logits, labels, num_labels: int, problem_type: str | Non
 def init_weights(module: nn.Module, std: float) -> None:
     """transformers' BERT init: normal(0, std) for linear and embedding weights, zero
     biases, LayerNorm ones/zeros. Constructors apply it so that a model built
-    directly starts where transformers' would (on meta it costs nothing); the
-    loader gives heads a checkpoint lacks the same init."""
+    directly starts where transformers' would; the loader gives heads a checkpoint
+    lacks the same init. Modules on meta are skipped: the checkpoint overwrites them,
+    and a random op on a meta tensor runs through torch._refs, whose first use imports
+    torch._dynamo and with it Triton (~130 MB of resident memory for a CPU run)."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_meta:
+        return
     if isinstance(module, nn.Linear):
         module.weight.normal_(0.0, std)
         if module.bias is not None:
