@@ -31,7 +31,7 @@ STATE_JSON = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def _optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def _optimizer_to_flat(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
     for pid, state in sd["state"].items():
@@ -93,7 +93,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 def save_checkpoint(
     run_dir: str | os.PathLike,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer,
     state: dict,
     keep_last: int | None = None,
 ) -> Path:
@@ -129,7 +129,7 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer) -> dict:
     """Fill the adapter and optimizer from a checkpoint, restore RNG; return its state."""
     path = resolve_checkpoint(path)
     tensors = load_file(str(path / STATE_TENSORS))

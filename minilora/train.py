@@ -41,6 +41,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .cpu_memory import hold_freed_memory
 from .batching import collate, make_batches, shard_batches
 from .metrics import accuracy, confusion_matrix, macro_f1, perplexity
+from .optim import AdamW
 from .schedule import lr_at, warmup_steps_for
 from .trainable import save_trainable, trainable_state_dict
 
@@ -84,13 +85,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device) -> AdamW:
     groups = param_groups(model, weight_decay)
     if not groups:
         raise ValueError("nothing to train: no parameter requires grad; inject LoRA (minilora.inject) first")
-    # The fused kernel does the whole update in one pass (CUDA); elsewhere foreach.
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
+    # torch's fused kernel (one pass per tensor) on CPU and CUDA, its foreach ops elsewhere.
+    return AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=None)
 
 
 def target_count(batch: dict, task: str) -> int:
