@@ -20,13 +20,8 @@ h = c A (m ⊙ x) (r numbers per row, c = 1 / (1 - p)); the backward rebuilds m 
 and the frozen output takes the update in place: W0 x += s h B^T is one addmm_ (W0 x is a
 fresh tensor that nothing saved, so no copy of it is made).
 
-Drawing the mask: torch's `bernoulli_` spends one 32-bit draw per element on a single
-thread (3 ms for a 1,024 x 576 input on the 2-core machine; 210 such inputs per
-SmolLM2 step). We draw 64-bit words and read each as four 16-bit uniforms, so the
-drop probability is p rounded to a multiple of 2^-16 (0.05 becomes 0.0500031) and
-the kept values are scaled by the exact 1 / (1 - p_drawn), which keeps x' unbiased.
-The draw uses the device's default generator, so `torch.manual_seed` reproduces it
-and gradient checkpointing (which restores RNG state) recomputes the same mask.
+The mask is drawn as in `minilora.dropout` (16-bit uniforms; p rounded to a multiple of
+2^-16, kept values scaled by the exact 1 / (1 - p_drawn)).
 
 The branch runs in the adapter's dtype with autocast off: it is r columns wide, so
 fp32 costs little, and A and B get fp32 gradients whatever the base computes in.
@@ -36,27 +31,7 @@ from __future__ import annotations
 
 import torch
 
-_LEVELS = 1 << 16
-
-
-def drop_threshold(p: float) -> int:
-    """How many of the 2^16 equally likely 16-bit draws drop an element."""
-    return round(p * _LEVELS)
-
-
-def dropout_drop_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
-    """A bool mask, True where the element is dropped, with P(drop) = drop_threshold(p) / 2^16."""
-    n = 1
-    for size in shape:
-        n *= size
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
-    draws = words.view(torch.int16)[:n]  # four uniform 16-bit integers per 64-bit word
-    return (draws < -(2**15) + drop_threshold(p)).view(shape)
-
-
-def keep_scale(p: float) -> float:
-    """1 / (1 - p_drawn): the factor that keeps the dropped-out input unbiased."""
-    return _LEVELS / (_LEVELS - drop_threshold(p))
+from .dropout import dropout_drop_mask, keep_scale
 
 
 class _LoRADropoutBranch(torch.autograd.Function):

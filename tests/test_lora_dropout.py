@@ -13,7 +13,8 @@ import torch
 
 import minilora
 from minilora import LoraConfig, inject
-from minilora.lora_dropout import dropout_drop_mask, drop_threshold, keep_scale, lora_dropout_update
+from minilora.dropout import dropout_drop_mask, drop_threshold, keep_scale
+from minilora.lora_dropout import lora_dropout_update
 from test_models_llama_gpt2 import build_pair, grads_without_and_with_checkpointing, padded_batch
 
 

@@ -20,7 +20,9 @@ Attention, per head of width d = hidden_size / num_heads:
 where Q = h W_q, K = h W_k, V = h W_v (attention.self.query/key/value) and M is 0
 for real tokens and a huge negative number for padding, so that padded keys get
 zero weight. torch's scaled_dot_product_attention computes exactly this, using a
-fused kernel where one exists.
+fused kernel where one exists; training on CPU with attention dropout goes through
+models/attention.py instead, which keeps a byte mask where torch would keep three
+float tensors (and dropout.py does the same for the hidden-state dropouts).
 
 The pooler maps the first token ([CLS]) through a dense layer and tanh; the
 sequence classifier puts dropout and one linear layer on top of that.
@@ -40,6 +42,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..dropout import Dropout
+from .attention import attention
 
 # --------------------------------------------------------------------------- shared
 
@@ -198,7 +203,7 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids=None, token_type_ids=None, inputs_embeds=None):
         # inputs_embeds stands in for word[id]: prompt tuning prepends learned vectors
@@ -233,7 +238,7 @@ class BertSelfAttention(nn.Module):
             for proj in (self.query, self.key, self.value)
         )
         p = self.dropout_p if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        out = attention(q, k, v, mask, p)
         return out.transpose(1, 2).reshape(b, s, -1)
 
 
@@ -244,7 +249,7 @@ class BertSelfOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(in_features or config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, x, residual):
         return self.LayerNorm(self.dropout(self.dense(x)) + residual)
@@ -370,7 +375,7 @@ class BertForSequenceClassification(nn.Module):
         self.num_labels = config.num_labels
         self.bert = BertModel(config)
         p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(p)
+        self.dropout = Dropout(p)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         init_weights(self.classifier, config.initializer_range)
 

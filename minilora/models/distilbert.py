@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..dropout import Dropout
+from .attention import attention
 from .bert import (
     EncoderOutput,
     SequenceClassifierOutput,
@@ -86,7 +88,7 @@ class Embeddings(nn.Module):
         self.word_embeddings = nn.Embedding(config.vocab_size, config.dim, padding_idx=config.pad_token_id)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.dim)
         self.LayerNorm = nn.LayerNorm(config.dim, eps=_LAYER_NORM_EPS)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, input_ids=None, inputs_embeds=None):
         # inputs_embeds stands in for word[id] (prompt tuning's learned vectors).
@@ -114,7 +116,7 @@ class MultiHeadSelfAttention(nn.Module):
             lin(h).view(b, s, self.n_heads, self.head_dim).transpose(1, 2) for lin in (self.q_lin, self.k_lin, self.v_lin)
         )
         p = self.dropout_p if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        out = attention(q, k, v, mask, p)
         return self.out_lin(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -124,7 +126,7 @@ class FFN(nn.Module):
         self.lin1 = nn.Linear(config.dim, config.hidden_dim)
         self.lin2 = nn.Linear(config.hidden_dim, config.dim)
         self.act = get_activation(config.activation)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x):
         return self.dropout(self.lin2(self.act(self.lin1(x))))
@@ -212,7 +214,7 @@ class DistilBertForSequenceClassification(nn.Module):
         self.distilbert = DistilBertModel(config)
         self.pre_classifier = nn.Linear(config.dim, config.dim)
         self.classifier = nn.Linear(config.dim, config.num_labels)
-        self.dropout = nn.Dropout(config.seq_classif_dropout)
+        self.dropout = Dropout(config.seq_classif_dropout)
         for head in (self.pre_classifier, self.classifier):
             init_weights(head, config.initializer_range)
 

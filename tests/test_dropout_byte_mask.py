@@ -1,0 +1,108 @@
+"""Dropout and attention dropout that keep a bool mask (minilora/dropout.py,
+minilora/models/attention.py): against float64 references fed the same mask, by
+gradcheck, and by what autograd actually keeps for the backward."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minilora.dropout import Dropout, dropout_drop_mask, keep_scale
+from minilora.models.attention import attention
+
+
+def _same_mask(shape, p, seed):
+    torch.manual_seed(seed)
+    return dropout_drop_mask(shape, p, torch.device("cpu"))
+
+
+def _reference_attention(q, k, v, mask, dropped, c):
+    s = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
+    if mask is not None:
+        s = s + mask
+    return (torch.softmax(s, dim=-1) * (~dropped) * c) @ v
+
+
+def _qkv(b=3, h=2, s=7, d=4, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, s, d, generator=g, dtype=dtype, requires_grad=True) for _ in range(3)]
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_attention_matches_float64_reference_with_the_same_mask(padded):
+    q, k, v = _qkv()
+    mask = None
+    if padded:  # the last two keys of row 1 are padding, as bert.padding_mask builds it
+        keep = torch.ones(3, 7, dtype=torch.bool)
+        keep[1, 5:] = False
+        mask = torch.zeros(3, 1, 1, 7).masked_fill(~keep[:, None, None, :], torch.finfo(torch.float32).min)
+    p = 0.3
+    torch.manual_seed(5)
+    out = attention(q, k, v, mask, p)
+    grad = torch.randn_like(out)
+    gq, gk, gv = torch.autograd.grad(out, (q, k, v), grad)
+
+    dropped = _same_mask((3, 2, 7, 7), p, 5)
+    assert dropped.any() and not dropped.all()
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = _reference_attention(q64, k64, v64, None if mask is None else mask.double(), dropped, keep_scale(p))
+    wq, wk, wv = torch.autograd.grad(want, (q64, k64, v64), grad.double())
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
+    for got, ref in ((gq, wq), (gk, wk), (gv, wv)):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_passes_gradcheck():
+    q, k, v = _qkv(b=2, h=2, s=5, d=3, dtype=torch.float64)
+
+    def f(q, k, v):
+        torch.manual_seed(3)  # one mask for every evaluation gradcheck makes
+        return attention(q, k, v, None, 0.25)
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+def test_attention_without_dropout_is_sdpa():
+    q, k, v = _qkv()
+    torch.testing.assert_close(attention(q, k, v, None, 0.0), F.scaled_dot_product_attention(q, k, v))
+
+
+def _saved(fn):
+    """The tensors autograd keeps for the backward of fn()."""
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        fn()
+    return kept
+
+
+def test_attention_keeps_no_float_tensor_per_query_key_pair():
+    q, k, v = _qkv(b=2, h=3, s=16, d=8)
+    pairs = 2 * 3 * 16 * 16
+    ours = _saved(lambda: attention(q, k, v, None, 0.1))
+    assert [t.dtype for t in ours if t.numel() == pairs] == [torch.bool]
+    # What SDPA keeps on CPU with dropout (the graph this replaces): float tensors per pair.
+    torch_kept = _saved(lambda: F.scaled_dot_product_attention(q, k, v, dropout_p=0.1))
+    assert any(t.numel() == pairs and t.is_floating_point() for t in torch_kept)
+
+
+def test_dropout_matches_reference_and_keeps_a_bool_mask():
+    x = torch.randn(40, 30, requires_grad=True)
+    layer = Dropout(0.2)
+    torch.manual_seed(11)
+    kept = _saved(lambda: None)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        y = layer(x)
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    dropped = _same_mask(x.shape, 0.2, 11)
+    c = keep_scale(0.2)
+    torch.testing.assert_close(y, x.detach() * (~dropped) * c)
+    torch.testing.assert_close(gx, g * (~dropped) * c)
+    assert [t.dtype for t in kept] == [torch.bool]
+    assert 0.15 < dropped.float().mean() < 0.25
+
+
+def test_dropout_in_eval_and_at_zero_is_identity():
+    x = torch.randn(5, 6)
+    assert Dropout(0.0).train()(x) is x
+    assert Dropout(0.5).eval()(x) is x
+    assert isinstance(Dropout(0.1), torch.nn.Dropout) and Dropout(0.1).p == 0.1
