@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from ..grad_checkpoint import checkpoint
 from .kv_cache import KVCache, build_attention_mask, start_forward
 from .lm_head import CausalLMOutput, causal_lm_head
 
@@ -240,7 +240,7 @@ class GPT2LMHeadModel(nn.Module):
 
         for block in self.transformer.h:
             if checkpointing:
-                x = checkpoint(block, x, mask, use_reentrant=False)
+                x = checkpoint(block, x, mask)
             else:
                 x = block(x, mask, kv_cache)
         logits, loss, loss_sum = causal_lm_head(self.lm_head, self.transformer.ln_f(x), labels, return_logits)

@@ -50,8 +50,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from ..grad_checkpoint import checkpoint
 from .kv_cache import KVCache, build_attention_mask, start_forward
 from .lm_head import CausalLMOutput, causal_lm_head
 
@@ -368,7 +368,7 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             mask = sliding_mask if layer.sliding else full_mask
             if checkpointing:
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask)
             else:
                 x = layer(x, cos, sin, mask, kv_cache)
         logits, loss, loss_sum = causal_lm_head(self.lm_head, self.model.norm(x), labels, return_logits)

@@ -1,0 +1,106 @@
+"""Gradient checkpointing: keep a block's inputs, drop what it saves for the backward,
+and run the block again when the backward first needs it.
+
+Chen et al., "Training Deep Nets with Sublinear Memory Cost" (2016): with one
+checkpoint per transformer layer, activation memory falls from O(layers × per-layer)
+to O(layers × layer input + one layer's activations), for one more forward per layer.
+
+How: while the block runs forward, a saved-tensors hook (torch.autograd.graph) stores
+an index instead of each tensor autograd wants to keep. When the backward unpacks the
+first of them, the block runs once more, with the same inputs, the same RNG state
+(dropout draws the same masks) and the same autocast settings, and this time the
+hook keeps the tensors; the backward then takes them by index. The recomputed
+forward is only a source of saved tensors: its graph is thrown away, and the
+gradients flow through the original graph. When every saved tensor has been
+unpacked, the recomputed ones are dropped; a second backward (retain_graph)
+recomputes again.
+
+This is what torch.utils.checkpoint(use_reentrant=False) does. Ours exists because
+that function is wrapped in torch._disable_dynamo, whose first call imports
+torch._dynamo and with it Triton: ~140 MB of resident memory in a CPU training run
+that compiles nothing, where checkpointing is there to save memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def _autocast_devices() -> tuple[str, ...]:
+    return ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+
+
+class _Block:
+    """One checkpointed call: what it takes to run it again, and its tensors once it has."""
+
+    def __init__(self, fn: Callable, args: tuple):
+        self.fn = fn
+        # Same values, same requires_grad (ops decide what to save from it), but not
+        # attached to the caller's graph, so the rerun adds nothing to it.
+        self.args = tuple(a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+                          for a in args)
+        self.cuda_devices = sorted({a.device.index or 0 for a in args if isinstance(a, torch.Tensor) and a.is_cuda})
+        self.cpu_rng = torch.get_rng_state()
+        self.cuda_rng = [torch.cuda.get_rng_state(d) for d in self.cuda_devices]
+        self.autocast = {d: (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _autocast_devices()}
+        self.count = 0  # tensors the first run saved
+        self.saved: list[torch.Tensor] | None = None
+        self.unpacked = 0
+
+    def get(self, index: int) -> torch.Tensor:
+        if self.saved is None:
+            self.saved, self.unpacked = self._rerun(), 0
+        tensor = self.saved[index]
+        self.unpacked += 1
+        if self.unpacked == self.count:
+            self.saved = None  # all handed out: the backward holds what it still needs
+        return tensor
+
+    def _rerun(self) -> list[torch.Tensor]:
+        saved: list[torch.Tensor] = []
+
+        def keep(t):
+            saved.append(t)
+            return None
+
+        with torch.random.fork_rng(devices=self.cuda_devices):
+            torch.set_rng_state(self.cpu_rng)
+            for d, state in zip(self.cuda_devices, self.cuda_rng):
+                torch.cuda.set_rng_state(state, d)
+            with torch.enable_grad(), _autocast(self.autocast), \
+                    torch.autograd.graph.saved_tensors_hooks(keep, lambda _: None):
+                self.fn(*self.args)
+        if len(saved) != self.count:
+            raise RuntimeError(
+                f"gradient checkpointing: the recomputed forward saved {len(saved)} tensors, the first one "
+                f"{self.count}; the checkpointed function must run the same ops given the same inputs")
+        return saved
+
+
+class _autocast:
+    def __init__(self, settings: dict):
+        self.contexts = [torch.autocast(d, dtype=dtype, enabled=on) for d, (on, dtype) in settings.items()]
+
+    def __enter__(self):
+        for c in self.contexts:
+            c.__enter__()
+
+    def __exit__(self, *exc):
+        for c in reversed(self.contexts):
+            c.__exit__(*exc)
+
+
+def checkpoint(fn: Callable, *args):
+    """fn(*args), keeping for the backward only what it takes to run fn(*args) again."""
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    block = _Block(fn, args)
+
+    def pack(_tensor) -> int:
+        block.count += 1
+        return block.count - 1
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, block.get):
+        return fn(*args)
