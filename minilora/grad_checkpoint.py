@@ -11,9 +11,9 @@ first of them, the block runs once more, with the same inputs, the same RNG stat
 (dropout draws the same masks) and the same autocast settings, and this time the
 hook keeps the tensors; the backward then takes them by index. The recomputed
 forward is only a source of saved tensors: its graph is thrown away, and the
-gradients flow through the original graph. When every saved tensor has been
-unpacked, the recomputed ones are dropped; a second backward (retain_graph)
-recomputes again.
+gradients flow through the original graph. Each recomputed tensor is let go as
+soon as the backward has taken it, so the memory of a layer's activations drains
+as its backward proceeds; a second backward (retain_graph) recomputes again.
 
 This is what torch.utils.checkpoint(use_reentrant=False) does. Ours exists because
 that function is wrapped in torch._disable_dynamo, whose first call imports
@@ -50,12 +50,16 @@ class _Block:
         self.unpacked = 0
 
     def get(self, index: int) -> torch.Tensor:
-        if self.saved is None:
+        if self.saved is None or self.saved[index] is None:  # first use, or a second backward
             self.saved, self.unpacked = self._rerun(), 0
         tensor = self.saved[index]
+        # Hand it over: the backward keeps it only while it needs it. Kept here until
+        # the block's last unpack, a layer's recomputed activations would pile up
+        # (measured: +65 MB per SmolLM2 layer, 1.7 GB over the backward).
+        self.saved[index] = None
         self.unpacked += 1
         if self.unpacked == self.count:
-            self.saved = None  # all handed out: the backward holds what it still needs
+            self.saved = None
         return tensor
 
     def _rerun(self) -> list[torch.Tensor]:

@@ -72,6 +72,25 @@ def test_intermediates_are_freed_after_the_forward():
     assert grown["plain"] > 150 and grown["checkpoint"] < 50, grown
 
 
+def test_recomputed_activations_do_not_pile_up_across_blocks():
+    # Six checkpointed blocks, each keeping a 40 MB tanh result for its backward. The
+    # backward reruns them last to first; a block's recomputed tensors must be gone
+    # by the time the next one reruns, or RSS climbs by 40 MB a block.
+    rss_at_rerun = []
+
+    def block(h):
+        rss_at_rerun.append(_rss_mb())
+        return torch.tanh(h) * 1.5
+
+    h = torch.randn(10_000, 1_000, requires_grad=True)
+    for _ in range(6):
+        h = checkpoint(block, h)
+    rss_at_rerun.clear()
+    h.sum().backward()
+    assert len(rss_at_rerun) == 6
+    assert rss_at_rerun[-1] - rss_at_rerun[0] < 100, rss_at_rerun
+
+
 def test_retain_graph_backward_twice():
     block = Block().eval()
     x = torch.randn(4, 16, requires_grad=True)
