@@ -31,7 +31,9 @@ _TORCH_GROUP_KEYS = {"amsgrad": False, "maximize": False, "capturable": False, "
 
 
 def _fused_available(device: torch.device) -> bool:
-    return hasattr(torch, "_fused_adamw_") and device.type in ("cpu", "cuda")
+    # CUDA has had the kernel since torch 2.0, the CPU since 2.4.
+    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
+    return hasattr(torch, "_fused_adamw_") and (device.type == "cuda" or (device.type == "cpu" and (major, minor) >= (2, 4)))
 
 
 class AdamW:
