@@ -353,7 +353,12 @@ def dequantize_nf4_torch(w: NF4Weight, dtype=None, out=None) -> torch.Tensor:
     n_full, half = n // bs, bs // 2
     rows = max(1, (_CUDA_CHUNK if w.packed.is_cuda else _CPU_CHUNK) // bs)
     k = min(rows, n_full) * half
-    idx = torch.empty(k, dtype=torch.int32, device=dev)
+    # index_select over the 1-D table runs on one thread. With more, a gather from the
+    # table broadcast to one row per block (a stride-0 view) splits the blocks between
+    # threads: 1.2-1.6x faster at 2 threads, a little slower at 1 (benchmarks/RESULTS.md).
+    parallel = not w.packed.is_cuda and torch.get_num_threads() > 1
+    idx = torch.empty(k, dtype=torch.int64 if parallel else torch.int32, device=dev)
+    table_rows = table.expand(min(rows, n_full), table.numel())
     # fp32 decodes straight into the output when its storage is 8-byte aligned for the int64 view.
     direct = dtype == torch.float32 and flat.storage_offset() % 2 == 0
     buf = None if direct else torch.empty(k, dtype=torch.int64, device=dev)
@@ -361,12 +366,15 @@ def dequantize_nf4_torch(w: NF4Weight, dtype=None, out=None) -> torch.Tensor:
         r1 = min(r0 + rows, n_full)
         i = idx[: (r1 - r0) * half].copy_(w.packed[r0 * half : r1 * half])
         dst = flat[r0 * bs : r1 * bs].view(r1 - r0, bs)
-        if buf is None:  # fp32: decode straight into the output, scale in place
-            torch.index_select(table, 0, i, out=dst.view(torch.int64).view(-1))
-            dst.mul_(scales[r0:r1, None])
-        else:  # fp32 product in the cache-sized buffer, rounded once by the copy into fp16/bf16
-            vals = torch.index_select(table, 0, i, out=buf[: i.numel()]).view(torch.float32).view(r1 - r0, bs)
-            vals.mul_(scales[r0:r1, None])
+        # fp16/bf16: the fp32 product in the cache-sized buffer, rounded once by the copy out.
+        pairs = dst.view(torch.int64) if buf is None else buf[: i.numel()].view(r1 - r0, half)
+        if parallel:
+            torch.gather(table_rows[: r1 - r0], 1, i.view(r1 - r0, half), out=pairs)
+        else:
+            torch.index_select(table, 0, i, out=pairs.view(-1))
+        vals = pairs.view(torch.float32)
+        vals.mul_(scales[r0:r1, None])
+        if buf is not None:
             dst.copy_(vals)  # measured ~7% faster than a mixed-dtype torch.mul(..., out=dst)
     if n_full * bs < n:
         vals = table.index_select(0, w.packed[n_full * half :].int()).view(torch.float32)[: n - n_full * bs]

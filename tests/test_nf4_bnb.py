@@ -175,6 +175,23 @@ def test_nested_8bit_quantizer_matches_bnb_on_a_dense_grid():
     assert torch.equal(ours_q, q) and torch.equal(ours_absmax, state.absmax)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_thread_and_several_decode_the_same_bits(threads):
+    # One thread gathers from the 1-D table; more split the blocks between threads.
+    # 700 x 1000 values: two 262,144-value chunks, a shorter third and a partial block.
+    w = torch.randn(700, 1001, generator=torch.Generator().manual_seed(3))
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert_matches_bnb(w, 64, True)
+        ours = quantize_nf4(w)
+        for dtype in DTYPES:
+            out = torch.full(w.shape, float("nan"), dtype=dtype)
+            assert same_bits(ours.dequantize(dtype, out=out), ours.dequantize(dtype))
+    finally:
+        torch.set_num_threads(saved)
+
+
 def test_dequantize_into_a_reused_buffer_and_bit_budget():
     w = quantize_nf4(torch.randn(256, 512) * 0.02)
     want = w.dequantize(torch.float32)
