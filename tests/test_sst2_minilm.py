@@ -1,0 +1,28 @@
+"""Issue 5's real-data goal: examples/sst2_minilm.toml (LoRA r=8, alpha=32, dropout 0.01
+on query+value of all-MiniLM-L6-v2, a new head through modules_to_save, 20,000 SST-2
+sentences, 1 epoch, batch 32, lr 1e-3, max length 64) reaches 86% dev accuracy.
+
+Slow (about 2 minutes of training on 2 cores). As in benchmarks/bench_train_cls.py,
+there is no evaluation inside the epoch, so the accuracy is the last step's and the
+dev set picks nothing. The recipe's seed-to-seed spread is about a point either way
+(benchmarks/RESULTS.md); this is seed 0, the toml's.
+"""
+
+from pathlib import Path
+
+import pytest
+
+from minilora.config import load_config
+from minilora.run import run_training
+
+TOML = Path(__file__).resolve().parents[1] / "examples" / "sst2_minilm.toml"
+
+
+@pytest.mark.slow
+def test_sst2_minilm_reaches_86_percent(tmp_path):
+    cfg = load_config(TOML)
+    cfg.train.eval_every = None  # evaluated once, at the epoch's end: the last step
+    cfg.output.dir = str(tmp_path / "run")
+    summary = run_training(cfg, progress=False, log=lambda *a: None)
+    assert summary["steps"] == 625  # 20,000 sentences / 32
+    assert summary["eval"]["accuracy"] >= 0.86, summary["eval"]
