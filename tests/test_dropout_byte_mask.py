@@ -67,20 +67,20 @@ def test_attention_without_dropout_is_sdpa():
 
 
 def _saved(fn):
-    """The tensors autograd keeps for the backward of fn()."""
+    """fn() and the tensors autograd keeps for its backward."""
     kept = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
-        fn()
-    return kept
+        out = fn()
+    return out, kept
 
 
 def test_attention_keeps_no_float_tensor_per_query_key_pair():
     q, k, v = _qkv(b=2, h=3, s=16, d=8)
     pairs = 2 * 3 * 16 * 16
-    ours = _saved(lambda: attention(q, k, v, None, 0.1))
+    _, ours = _saved(lambda: attention(q, k, v, None, 0.1))
     assert [t.dtype for t in ours if t.numel() == pairs] == [torch.bool]
     # What SDPA keeps on CPU with dropout (the graph this replaces): float tensors per pair.
-    torch_kept = _saved(lambda: F.scaled_dot_product_attention(q, k, v, dropout_p=0.1))
+    _, torch_kept = _saved(lambda: F.scaled_dot_product_attention(q, k, v, dropout_p=0.1))
     assert any(t.numel() == pairs and t.is_floating_point() for t in torch_kept)
 
 
@@ -88,9 +88,7 @@ def test_dropout_matches_reference_and_keeps_a_bool_mask():
     x = torch.randn(40, 30, requires_grad=True)
     layer = Dropout(0.2)
     torch.manual_seed(11)
-    kept = _saved(lambda: None)
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
-        y = layer(x)
+    y, kept = _saved(lambda: layer(x))
     g = torch.randn_like(y)
     (gx,) = torch.autograd.grad(y, x, g)
     dropped = _same_mask(x.shape, 0.2, 11)
