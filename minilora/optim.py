@@ -30,10 +30,13 @@ _TORCH_GROUP_KEYS = {"amsgrad": False, "maximize": False, "capturable": False, "
                      "decoupled_weight_decay": True}
 
 
+# CUDA has had the fused kernel since torch 2.0, the CPU since 2.4.
+_FUSED_DEVICES = (("cuda", "cpu") if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4) else ("cuda",)) \
+    if hasattr(torch, "_fused_adamw_") else ()
+
+
 def _fused_available(device: torch.device) -> bool:
-    # CUDA has had the kernel since torch 2.0, the CPU since 2.4.
-    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
-    return hasattr(torch, "_fused_adamw_") and (device.type == "cuda" or (device.type == "cpu" and (major, minor) >= (2, 4)))
+    return device.type in _FUSED_DEVICES
 
 
 class AdamW:
