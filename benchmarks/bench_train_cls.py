@@ -59,6 +59,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -69,6 +70,8 @@ try:
     from . import common
 except ImportError:  # run as a script: benchmarks/ is sys.path[0]
     import common
+
+from minilora.lean_malloc import restart_with_lean_malloc
 
 TOML = common.ROOT / "examples" / "sst2_minilm.toml"
 STACKS = ("minilora", "hf")
@@ -232,6 +235,7 @@ def child(stack: str, job_path: str) -> dict:
     row = child_minilora(job) if stack == "minilora" else child_hf(job)
     peak = common.peak_rss_mb()
     return {**row, "total_s": time.perf_counter() - T_START, "peak_rss_mb": peak,
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
             "peak_above_baseline_mb": peak - row["baseline_rss_mb"]}
 
 
@@ -313,6 +317,8 @@ def parse_args(argv=None):
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
     if args.child:
+        if args.child[0] == "minilora":
+            restart_with_lean_malloc()  # as the `minilora` command starts (bench_train_lm.py says more)
         common.print_result(child(*args.child))
         return None
 

@@ -49,6 +49,12 @@ the median seconds per step, tokens/s = tokens per step / median, and at its end
               (libraries, weights, activations, gradients, optimizer state), in MB;
     above baseline  peak RSS minus the RSS right after the imports.
 
+Each stack runs as its users get it: the minilora children restart themselves with
+glibc's malloc tunables, as the `minilora` command does (minilora/lean_malloc.py), the
+transformers children keep the defaults. Set GLIBC_TUNABLES in the parent's environment
+to give both the same (e.g. `glibc.malloc.tcache_count=7` keeps glibc's defaults for
+minilora too); each row records what its child ran with.
+
 Runs are interleaved: minilora-off, hf-off, minilora-on, hf-on, and with --repeats 2
 that list again reversed; the table shows medians over repeats. Results:
 benchmarks/results/train_lm-<host>-<date>.json. Goals (printed, never asserted):
@@ -60,6 +66,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -70,6 +77,8 @@ try:
     from . import common
 except ImportError:  # run as a script: benchmarks/ is sys.path[0]
     import common
+
+from minilora.lean_malloc import restart_with_lean_malloc
 
 ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca" / "alpaca_5000.json"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -236,7 +245,7 @@ def child(mode: str, stack: str, checkpointing: str, job_path: str) -> dict:
     batches = [{k: v[i].contiguous() for k, v in data.items()} for i in range(n_batches)]
     model, loss_of, make_opt = setup(job, checkpointing == "on", stack in QLORA_STACKS)
     row = {"stack": stack, "checkpointing": checkpointing, "baseline_rss_mb": baseline,
-           "torch_threads": torch.get_num_threads()}
+           "torch_threads": torch.get_num_threads(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
     if mode == "check":
         with torch.no_grad():
@@ -514,6 +523,8 @@ def markdown(record: dict) -> str:
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
     if args.child:
+        if args.child[1].startswith("minilora"):
+            restart_with_lean_malloc()  # as the `minilora` command starts
         common.print_result(child(*args.child))
         return None
 

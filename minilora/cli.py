@@ -21,6 +21,11 @@ import json
 import sys
 from pathlib import Path
 
+from .lean_malloc import restart_with_lean_malloc
+
+
+# The commands that restart with lean_malloc's tunables.
+TRAINING_COMMANDS = frozenset({"train", "demo"})
 
 # Exceptions that mean "the input was wrong", not "minilora is broken".
 USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError)
@@ -197,10 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    as_program = argv is None  # the `minilora` command, not a call from Python code
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if as_program and args.command in TRAINING_COMMANDS:
+        # Malloc tunables only take at start-up, so this runs the command again in a
+        # process that has them (lean_malloc.py: 40% less peak memory in a training run
+        # measured here). It costs a second start-up, ~2 s: worth it only for training.
+        restart_with_lean_malloc()
     try:
         return args.func(args)
     except USER_ERRORS as e:
