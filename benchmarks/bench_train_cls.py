@@ -41,7 +41,7 @@ peak belongs to that stack alone and nothing is cached between runs. The child t
 
 and reads its memory at the end:
 
-    peak RSS  getrusage(RUSAGE_SELF).ru_maxrss: the largest resident set the process
+    peak RSS  VmHWM (common.peak_rss_mb): the largest resident set the process
               ever had (libraries, weights, activations, optimizer), in MB;
     above baseline  peak RSS minus the RSS right after the imports (torch, the stack's
               libraries and model code): what the run itself added.
@@ -347,7 +347,7 @@ def main(argv=None) -> dict | None:
         ("stack", "stack", "s"), ("acc_before", "acc before", ".4f"), ("acc_after", "acc after", ".4f"),
         ("train_s", "train s", ".1f"), ("total_s", "total s", ".1f"), ("peak_rss_mb", "peak RSS MB", ".0f"),
         ("peak_above_baseline_mb", "above baseline MB", ".0f"), ("steps", "steps", "d")])
-    print(f"medians over {args.repeats} fresh process(es) per stack; peak RSS = ru_maxrss of the child, "
+    print(f"medians over {args.repeats} fresh process(es) per stack; peak RSS = VmHWM of the child, "
           "above baseline = minus its RSS after imports")
 
     by = {r["stack"]: r for r in rows}

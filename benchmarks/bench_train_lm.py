@@ -45,7 +45,7 @@ its own FRESH process: load, inject, one warm-up step (not timed), then --steps 
 steps (perf_counter around forward + loss + backward + optimizer step); the child reports
 the median seconds per step, tokens/s = tokens per step / median, and at its end
 
-    peak RSS  getrusage(RUSAGE_SELF).ru_maxrss: the largest resident set of the process
+    peak RSS  VmHWM (common.peak_rss_mb): the largest resident set of the process
               (libraries, weights, activations, gradients, optimizer state), in MB;
     above baseline  peak RSS minus the RSS right after the imports.
 
@@ -533,7 +533,7 @@ def main(argv=None) -> dict | None:
     print()
     common.print_table(record["results"], TABLE_COLUMNS)
     print(f"medians over {args.repeats} fresh process(es) x {args.steps} step(s); tokens/s = "
-          f"{record['settings']['tokens_per_step']} / median s per step; peak RSS = ru_maxrss of the child")
+          f"{record['settings']['tokens_per_step']} / median s per step; peak RSS = VmHWM of the child")
     for line in ratio_lines(record):
         print(line)
     if not args.no_save:

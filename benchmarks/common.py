@@ -1,6 +1,6 @@
 """Helpers shared by the benchmarks (the bench_*.py scripts, lora_linear.py and the runner).
 
-- memory: current RSS and peak RSS (ru_maxrss) of *this* process, in MB;
+- memory: current RSS and peak RSS (VmHWM) of *this* process, in MB;
 - child processes: run this script again with `--child ...` in a fresh Python, read
   the one JSON line it prints last;
 - run order: interleave the stacks so slow drift of a shared machine (thermal, other
@@ -39,21 +39,38 @@ MB = 1024 * 1024
 # --------------------------------------------------------------------------- memory
 
 
-def rss_mb() -> float:
-    """Resident set size of this process now, in MB (VmRSS on Linux, psutil elsewhere)."""
+def _status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status (Linux), in MB; None elsewhere."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024 / MB
     except OSError:
         pass
+    return None
+
+
+def rss_mb() -> float:
+    """Resident set size of this process now, in MB (VmRSS on Linux, psutil elsewhere)."""
+    now = _status_mb("VmRSS")
+    if now is not None:
+        return now
     import psutil
 
     return psutil.Process().memory_info().rss / MB
 
 
 def peak_rss_mb() -> float:
-    """The largest RSS this process ever had (getrusage(RUSAGE_SELF).ru_maxrss), in MB."""
+    """The largest RSS of this program since it started, in MB: VmHWM on Linux.
+
+    Not ru_maxrss there: Linux carries it across exec, so a child spawned by a process
+    holding 2.3 GB (the benchmark runner after its NF4 suite) reports at least 2.3 GB
+    whatever it allocates itself, and a child that restarts itself (lean_malloc) would
+    count its first start-up. ru_maxrss is the fallback elsewhere.
+    """
+    peak = _status_mb("VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
