@@ -94,17 +94,6 @@ def _rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
-def _maxrss_bytes() -> int:
-    """Peak RSS: VmHWM on Linux (what clear_refs resets, and not inherited across exec), else ru_maxrss."""
-    status = _status_kb()
-    if "VmHWM" in status:
-        return status["VmHWM"] * 1024
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, kB on Linux
-
-
 def _reset_peak() -> bool:
     """Reset the RSS high-water mark (and with it ru_maxrss) to the current RSS."""
     try:
@@ -152,7 +141,7 @@ def child(stack: str, dtype_name: str, model_dir: str) -> dict:
     t0 = time.perf_counter()
     model = load()
     seconds = time.perf_counter() - t0
-    peak_load = _maxrss_bytes()
+    peak_load = common.peak_rss_mb() * common.MB  # VmHWM: what _reset_peak clears
     after = _status_kb()
     params = list(model.parameters())  # parameters() yields a tied Parameter once
     if nf4:  # the 4-bit weights are not (all) Parameters: read every tensor of the state dict
@@ -165,7 +154,7 @@ def child(stack: str, dtype_name: str, model_dir: str) -> dict:
         for p in params:
             p.detach().reshape(-1).view(torch.uint8)[::4096].sum()
     touch_seconds = time.perf_counter() - t0
-    peak = _maxrss_bytes()
+    peak = common.peak_rss_mb() * common.MB
     touched = _status_kb()
     assert not any(p.is_meta for p in params), "a parameter is still on the meta device"
     dtypes = {p.dtype for p in params if p.is_floating_point() and p.numel() > 256}  # big float tensors
