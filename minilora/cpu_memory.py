@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import platform
 from collections.abc import Iterator
 from functools import lru_cache
+
+from .lean_malloc import glibc_version
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -39,7 +40,7 @@ HELD_TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: trim only past 2 GiB of
 
 @lru_cache(maxsize=1)
 def _glibc():
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if glibc_version() is None:
         return None
     try:
         libc = ctypes.CDLL(None)

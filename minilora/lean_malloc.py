@@ -41,7 +41,8 @@ from collections.abc import Mapping
 TUNABLES = ("glibc.malloc.tcache_count=0", "glibc.malloc.mxfast=0")
 
 
-def _glibc_version() -> str | None:
+def glibc_version() -> str | None:
+    """'2.36' on a glibc system, else None."""
     try:
         name, _, version = os.confstr("CS_GNU_LIBC_VERSION").partition(" ")
     except (AttributeError, ValueError, OSError):  # not a glibc system (or no confstr)
@@ -51,7 +52,7 @@ def _glibc_version() -> str | None:
 
 def lean_malloc_env(environ: Mapping[str, str]) -> dict[str, str] | None:
     """The environment to restart with, or None when it would change nothing."""
-    if _glibc_version() is None:
+    if glibc_version() is None:
         return None
     current = environ.get("GLIBC_TUNABLES", "")
     named = {item.partition("=")[0] for item in current.split(":")}

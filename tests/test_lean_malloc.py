@@ -9,7 +9,7 @@ import textwrap
 from minilora import cli, lean_malloc
 from minilora.lean_malloc import TUNABLES, lean_malloc_env
 
-GLIBC = lean_malloc._glibc_version()
+GLIBC = lean_malloc.glibc_version()
 
 # 50 rounds of: a 6 MB tensor, a small tensor made while it lives and kept, the big one
 # freed. Prints how much the heap grew (MB). The thresholds are the ones training sets
@@ -44,17 +44,17 @@ def _probe(mode: str) -> tuple[str, int]:
 
 
 def test_env_adds_both_tunables_and_keeps_the_users_other_ones(monkeypatch):
-    monkeypatch.setattr(lean_malloc, "_glibc_version", lambda: "2.36")
+    monkeypatch.setattr(lean_malloc, "glibc_version", lambda: "2.36")
     assert lean_malloc_env({"A": "1"}) == {"A": "1", "GLIBC_TUNABLES": ":".join(TUNABLES)}
     env = lean_malloc_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
     assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:" + ":".join(TUNABLES)
 
 
 def test_env_leaves_a_users_own_choice_and_non_glibc_systems_alone(monkeypatch):
-    monkeypatch.setattr(lean_malloc, "_glibc_version", lambda: "2.36")
+    monkeypatch.setattr(lean_malloc, "glibc_version", lambda: "2.36")
     assert lean_malloc_env({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=7"}) is None
     assert lean_malloc_env({"GLIBC_TUNABLES": "glibc.malloc.mxfast=64:glibc.malloc.arena_max=2"}) is None
-    monkeypatch.setattr(lean_malloc, "_glibc_version", lambda: None)
+    monkeypatch.setattr(lean_malloc, "glibc_version", lambda: None)
     assert lean_malloc_env({}) is None
 
 
