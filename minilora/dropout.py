@@ -8,8 +8,13 @@ On CPU, torch's `F.dropout` multiplies by a float noise tensor and autograd keep
 tensor: 4 bytes per element until the backward. A BERT layer has two such dropouts
 on its hidden states and one on its attention probabilities; for all-MiniLM-L6-v2 at
 a batch of 32 x 64 tokens that is about 110 MB of masks. Here the mask is kept as
-bool, and the backward applies it with `masked_fill` (multiplying by a bool mask
-would first convert it to a float tensor the size of x).
+bool, one byte per element.
+
+Applying the mask: torch's CPU kernels read a bool tensor element by element, so
+`x.masked_fill(~keep, 0)`, `torch.where` and `x * keep` take 0.20-0.35 ms for one
+1024 x 576 fp32 tensor here, while the same bytes read as uint8 (`keep.view(torch.uint8)`,
+no copy) go through the vectorised arithmetic path: `x * keep_u8` takes 0.06 ms.
+`apply_keep` does that; a LoRA step on SmolLM2 applies a mask 630 times.
 
 Drawing the mask: torch's `bernoulli_` spends one 32-bit draw per element on a single
 thread. We draw 64-bit words and read each as four 16-bit uniforms, so the drop
@@ -35,14 +40,22 @@ def drop_threshold(p: float) -> int:
     return round(p * _LEVELS)
 
 
-def dropout_drop_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
-    """A bool mask, True where the element is dropped, with P(drop) = drop_threshold(p) / 2^16."""
+def dropout_keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
+    """A bool mask, True where the element is kept, with P(drop) = drop_threshold(p) / 2^16."""
     n = 1
     for size in shape:
         n *= size
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
     draws = words.view(torch.int16)[:n]  # four uniform 16-bit integers per 64-bit word
-    return (draws < -(2**15) + drop_threshold(p)).view(shape)
+    return (draws >= -(2**15) + drop_threshold(p)).view(shape)
+
+
+def apply_keep(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """x with the elements where `keep` is False set to zero (a new tensor).
+
+    Multiplies by the mask's bytes read as uint8, torch's fast path (see the module
+    docstring); a NaN or inf that is dropped stays NaN, as in torch's own dropout."""
+    return x * keep.view(torch.uint8)
 
 
 def keep_scale(p: float) -> float:
@@ -53,15 +66,15 @@ def keep_scale(p: float) -> float:
 class _ByteMaskDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, p: float):
-        dropped = dropout_drop_mask(x.shape, p, x.device)
-        ctx.save_for_backward(dropped)
+        keep = dropout_keep_mask(x.shape, p, x.device)
+        ctx.save_for_backward(keep)
         ctx.c = keep_scale(p)
-        return x.masked_fill(dropped, 0).mul_(ctx.c)
+        return apply_keep(x, keep).mul_(ctx.c)
 
     @staticmethod
     def backward(ctx, grad):
-        (dropped,) = ctx.saved_tensors
-        return grad.masked_fill(dropped, 0).mul_(ctx.c), None
+        (keep,) = ctx.saved_tensors
+        return apply_keep(grad, keep).mul_(ctx.c), None
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:

@@ -19,10 +19,10 @@ For a row h_i with target y_i:
 and the loss is L = sum_i loss_i over the rows that have a target.
 
 Chunking caps memory. Each row's terms need only that row's logits, so rows are
-taken `chunk_size` at a time: compute the chunk's logits, its log-sum-exp, its loss,
-turn the logits in place into g, and reduce g at once to dL/dh (chunk x H) and the
+taken `chunk_size` at a time: compute the chunk's logits, their log-softmax, its loss,
+turn the log-softmax in place into g, and reduce g at once to dL/dh (chunk x H) and the
 running sums for dL/dW and dL/db. The chunk's logits are then dropped, so the peak
-is one chunk_size x V block instead of N x V.
+is two chunk_size x V blocks (logits and log-softmax, for a moment) instead of N x V.
 
 Computing the gradient in the forward is exact, not an approximation. L is a scalar
 sum, so whatever comes after it, the chain rule only multiplies dL/dh, dL/dW and
@@ -121,16 +121,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, len(rows), chunk_size):
             h = picked[start : start + chunk_size]
             y = targets[start : start + chunk_size]
-            # Logits in the matmul's dtype, log-sum-exp in fp32: what
-            # F.cross_entropy(logits.float(), ...) would see.
-            z = F.linear(h, weight, bias).float()
-            lse = torch.logsumexp(z, dim=1)
-            loss += (lse - z.gather(1, y[:, None]).squeeze(1)).sum()
+            # Logits in the matmul's dtype, log-softmax in fp32: what
+            # F.cross_entropy(logits.float(), ...) would see. torch's fused log_softmax
+            # is one kernel; logsumexp, then z - lse, is five passes over the chunk
+            # (33 ms against 24 for 256 rows of SmolLM2's 49,152 logits here).
+            log_p = torch.log_softmax(F.linear(h, weight, bias).float(), dim=1)
+            loss -= log_p.gather(1, y[:, None]).sum()
             if not (want_hidden or want_weight or want_bias):
                 continue
-            # softmax(z) - onehot(y), built over z in place so that one chunk x V
-            # block is all this loop ever holds.
-            g = z.sub_(lse[:, None]).exp_()
+            # softmax(z) - onehot(y), built over log_p in place so that one chunk x V
+            # block is all this loop holds between chunks.
+            g = log_p.exp_()
             g[torch.arange(len(y), device=g.device), y] -= 1
             if want_bias:
                 grad_bias += g.sum(0)

@@ -10,7 +10,8 @@ the dropped-out input x' for A's gradient: 8 bytes per input element, and q, k a
 each keep their own although they read the same x. For SmolLM2-135M at 1,024 tokens
 that is about 850 MB per step. Here the forward keeps x itself (one reference,
 shared by every layer that reads it), the mask as bool (1 byte per element) and
-h = c A (m ⊙ x) (r numbers per row, c = 1 / (1 - p)); the backward rebuilds m ⊙ x:
+h = c A (m ⊙ x) (r numbers per row, c = 1 / (1 - p)); the backward rebuilds m ⊙ x
+(one multiply, `minilora.dropout.apply_keep`, cheaper than keeping it):
 
     dh = s * dy B                  (rows x r)
     dB = s * dy^T h
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from .dropout import dropout_drop_mask, keep_scale
+from .dropout import apply_keep, dropout_keep_mask, keep_scale
 
 
 class _LoRADropoutBranch(torch.autograd.Function):
@@ -39,21 +40,19 @@ class _LoRADropoutBranch(torch.autograd.Function):
     def forward(ctx, x, result, lora_a, lora_b, scaling: float, p: float):
         # x: (..., in); result: (..., out), contiguous; both in the adapters' dtype.
         with torch.autocast(device_type=x.device.type, enabled=False):
-            # masked_fill with the drop mask: multiplying by a bool mask would first
-            # convert it to a float tensor the size of x.
-            dropped = dropout_drop_mask(x.shape, p, x.device)
+            keep = dropout_keep_mask(x.shape, p, x.device)
             c = keep_scale(p)
-            h = torch.mm(x.masked_fill(dropped, 0).reshape(-1, x.shape[-1]), lora_a.t()).mul_(c)
+            h = torch.mm(apply_keep(x, keep).reshape(-1, x.shape[-1]), lora_a.t()).mul_(c)
             # In place: W0 x is a fresh output nobody saved, so it needs no copy.
             result.view(-1, result.shape[-1]).addmm_(h, lora_b.t(), alpha=scaling)
         ctx.mark_dirty(result)
-        ctx.save_for_backward(x, dropped, h, lora_a, lora_b)
+        ctx.save_for_backward(x, keep, h, lora_a, lora_b)
         ctx.scaling, ctx.c = scaling, c
         return result
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, dropped, h, lora_a, lora_b = ctx.saved_tensors
+        x, keep, h, lora_a, lora_b = ctx.saved_tensors
         need_x, need_result, need_a, need_b = ctx.needs_input_grad[:4]
         s, c = ctx.scaling, ctx.c
         grad_x = grad_a = grad_b = None
@@ -64,9 +63,9 @@ class _LoRADropoutBranch(torch.autograd.Function):
             if need_x or need_a:
                 dh = torch.mm(g, lora_b).mul_(s * c)  # c folded in: both uses need c dh
                 if need_a:
-                    grad_a = torch.mm(dh.t(), x.masked_fill(dropped, 0).reshape(-1, x.shape[-1]))
+                    grad_a = torch.mm(dh.t(), apply_keep(x, keep).reshape(-1, x.shape[-1]))
                 if need_x:
-                    grad_x = torch.mm(dh, lora_a).view(x.shape).masked_fill_(dropped, 0)
+                    grad_x = torch.mm(dh, lora_a).view(x.shape).mul_(keep.view(torch.uint8))
         return grad_x, grad_out if need_result else None, grad_a, grad_b, None, None
 
 

@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minilora.dropout import Dropout, dropout_drop_mask, keep_scale
+from minilora.dropout import Dropout, dropout_keep_mask, keep_scale
 from minilora.models.attention import attention
 
 
 def _same_mask(shape, p, seed):
     torch.manual_seed(seed)
-    return dropout_drop_mask(shape, p, torch.device("cpu"))
+    return ~dropout_keep_mask(shape, p, torch.device("cpu"))
 
 
 def _reference_attention(q, k, v, mask, dropped, c):

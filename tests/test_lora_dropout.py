@@ -13,7 +13,7 @@ import torch
 
 import minilora
 from minilora import LoraConfig, inject
-from minilora.dropout import dropout_drop_mask, drop_threshold, keep_scale
+from minilora.dropout import drop_threshold, dropout_keep_mask, keep_scale
 from minilora.lora_dropout import lora_dropout_update
 from test_models_llama_gpt2 import build_pair, grads_without_and_with_checkpointing, padded_batch
 
@@ -36,7 +36,7 @@ def test_output_and_gradients_match_float64_reference(p, lead):
     # result * 1: a fresh non-leaf, as the frozen layer's output is (it is updated in place).
     out = lora_dropout_update(x, result * 1, a, b, 2.0, p)
     torch.manual_seed(5)
-    keep = ~dropout_drop_mask(x.shape, p, x.device)
+    keep = dropout_keep_mask(x.shape, p, x.device)
     assert out.shape == (*lead, 9)
     want = reference(x64, r64, a64, b64, 2.0, keep, keep_scale(p))
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
@@ -52,7 +52,7 @@ def test_output_and_gradients_match_float64_reference(p, lead):
 def test_mask_drop_rate_and_scale_keep_the_input_unbiased():
     torch.manual_seed(1)
     p = 0.05
-    keep = ~dropout_drop_mask((2000, 500), p, torch.device("cpu"))
+    keep = dropout_keep_mask((2000, 500), p, torch.device("cpu"))
     drawn = drop_threshold(p) / 2**16
     assert abs(drawn - p) <= 2**-17  # p rounded to a multiple of 2^-16
     rate = 1 - keep.double().mean().item()
@@ -61,7 +61,7 @@ def test_mask_drop_rate_and_scale_keep_the_input_unbiased():
     # Columns are not correlated with rows: every one of the 500 columns drops some.
     assert bool((~keep).any(0).all())
     # Two draws differ (independent masks for q, k and v reading the same x).
-    assert not torch.equal(keep, ~dropout_drop_mask((2000, 500), p, torch.device("cpu")))
+    assert not torch.equal(keep, dropout_keep_mask((2000, 500), p, torch.device("cpu")))
 
 
 def test_layer_uses_the_branch_in_training_and_plain_path_in_eval():
@@ -74,7 +74,7 @@ def test_layer_uses_the_branch_in_training_and_plain_path_in_eval():
     torch.manual_seed(123)
     got = layer(x)
     torch.manual_seed(123)
-    keep = ~dropout_drop_mask(x.shape, 0.5, x.device)
+    keep = dropout_keep_mask(x.shape, 0.5, x.device)
     # Dropout acts on the adapter input only: the frozen path sees the clean x.
     want = linear(x) + layer.lora_B(layer.lora_A(x * keep * keep_scale(0.5))) * layer.scaling
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
@@ -128,7 +128,7 @@ def test_in_place_update_of_the_frozen_output_keeps_gradients_right(bias):
     out = lora_dropout_update(x, linear(x), a, b, 2.0, 0.2)
     out.backward(torch.ones_like(out))
     torch.manual_seed(3)
-    keep = ~dropout_drop_mask(x.shape, 0.2, x.device)
+    keep = dropout_keep_mask(x.shape, 0.2, x.device)
     x2 = x.detach().clone().requires_grad_()
     want = linear(x2) + ((x2 * keep * keep_scale(0.2)) @ a.detach().t() @ b.detach().t()) * 2.0
     want.backward(torch.ones_like(want))

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..dropout import dropout_drop_mask, keep_scale
+from ..dropout import dropout_keep_mask, keep_scale
 
 
 def _scores(q, k, mask, scale):
@@ -44,21 +44,23 @@ class _AttentionByteMaskDropout(torch.autograd.Function):
         s = _scores(q, k, mask, scale)
         lse = torch.logsumexp(s, dim=-1, keepdim=True)
         probs = s.sub_(lse).exp_()
-        dropped = dropout_drop_mask(probs.shape, p, probs.device)
+        keep = dropout_keep_mask(probs.shape, p, probs.device)
         c = keep_scale(p)
-        out = torch.matmul(probs.masked_fill_(dropped, 0), v).mul_(c)
-        ctx.save_for_backward(q, k, v, mask, lse, dropped)
+        # The mask's bytes as uint8: torch's fast path (see minilora.dropout).
+        out = torch.matmul(probs.mul_(keep.view(torch.uint8)), v).mul_(c)
+        ctx.save_for_backward(q, k, v, mask, lse, keep)
         ctx.scale, ctx.c = scale, c
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, mask, lse, dropped = ctx.saved_tensors
+        q, k, v, mask, lse, keep = ctx.saved_tensors
         scale, c = ctx.scale, ctx.c
         probs = _scores(q, k, mask, scale).sub_(lse).exp_()
-        kept = probs.masked_fill(dropped, 0).mul_(c)  # P'
+        keep = keep.view(torch.uint8)
+        kept = (probs * keep).mul_(c)  # P'
         grad_v = torch.matmul(kept.transpose(-2, -1), grad_out)
-        grad_p = torch.matmul(grad_out, v.transpose(-2, -1)).masked_fill_(dropped, 0).mul_(c)
+        grad_p = torch.matmul(grad_out, v.transpose(-2, -1)).mul_(keep).mul_(c)
         row = (grad_p * probs).sum(dim=-1, keepdim=True)
         grad_s = grad_p.sub_(row).mul_(probs)
         grad_q = torch.matmul(grad_s, k).mul_(scale)
