@@ -8,6 +8,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from minilora import linear_ce
 from minilora.linear_ce import linear_cross_entropy
 
 V, H = 50, 16  # distinct from every row count below, so a (rows, V) shape is unambiguous
@@ -147,13 +148,26 @@ def test_lm_head_sees_at_most_chunk_size_rows_and_only_targeted_ones():
     with OpSpy() as spy:
         linear_cross_entropy(hidden, weight, labels, bias=bias, chunk_size=6).backward()
     # Forward and backward together: no tensor with more than 6 rows of logits.
-    assert max(spy.logit_rows()) == 6
-    # The lm-head matmul ran on the 20 targeted rows only, 6 at a time.
-    assert sorted(spy.logit_rows(ops=("mm", "addmm"))) == [2, 6, 6, 6]
+    assert max(spy.logit_rows()) <= 6
+    # The lm-head matmul ran on the 20 targeted rows only, in four equal chunks
+    # (ceil(20 / 6) chunks; 5 rows each rather than 6, 6, 6, 2).
+    assert sorted(spy.logit_rows(ops=("mm", "addmm"))) == [5, 5, 5, 5]
     # The spy does catch the unchunked path: plain cross-entropy holds all 40 x V logits.
     with OpSpy() as spy:
         F.cross_entropy(F.linear(hidden, weight, bias), labels, reduction="sum").backward()
     assert max(spy.logit_rows()) == 40
+
+
+def test_default_chunk_holds_at_most_chunk_logits_numbers(monkeypatch):
+    hidden, weight, bias, labels = make_inputs(rows=40, targets=20)
+    monkeypatch.setattr(linear_ce, "CHUNK_LOGITS", 8 * V + 3)  # room for 8 rows of logits
+    with OpSpy() as spy:
+        loss = linear_cross_entropy(hidden, weight, labels, bias=bias)
+        loss.backward()
+    # ceil(20 / 8) = 3 chunks, evened out to 7, 7, 6 rows (not 8, 8, 4).
+    assert sorted(spy.logit_rows(ops=("mm", "addmm"))) == [6, 7, 7]
+    want = reference(hidden, weight, labels, bias)[0]
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_no_grad_returns_same_loss_builds_no_graph_and_skips_gradient_work():
