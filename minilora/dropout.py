@@ -19,9 +19,16 @@ no copy) go through the vectorised arithmetic path: `x * keep_u8` takes 0.06 ms.
 Drawing the mask: torch's `bernoulli_` spends one 32-bit draw per element on a single
 thread. We draw 64-bit words and read each as four 16-bit uniforms, so the drop
 probability is p rounded to a multiple of 2^-16 (0.1 becomes 0.0999908) and the
-kept values are scaled by the exact 1 / (1 - p_drawn), which keeps y unbiased. The
-draw uses the device's default generator, so `torch.manual_seed` reproduces it and
-gradient checkpointing (which restores RNG state) recomputes the same mask.
+kept values are scaled by the exact 1 / (1 - p_drawn), which keeps y unbiased.
+
+Where the words come from: on CPU torch's generator (mt19937) makes 147,456 words in
+0.48 ms on one thread; numpy's SFC64 (Doty-Humphrey's Small Fast Chaotic generator,
+which passes TestU01's BigCrush and PractRand) makes them in 0.25 ms, so each CPU mask
+is drawn by an SFC64 seeded with one 63-bit draw from torch's default generator.
+`torch.manual_seed` still reproduces every mask, and gradient checkpointing (which
+restores torch's RNG state) recomputes the same ones. The comparison with the threshold
+runs in numpy too (see dropout_keep_mask). Other devices draw the words with torch's
+generator for that device.
 
 On CUDA, torch's dropout is already one fused kernel with a bool mask, and
 `Dropout` leaves it to torch.
@@ -29,6 +36,7 @@ On CUDA, torch's dropout is already one fused kernel with a bool mask, and
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -40,14 +48,26 @@ def drop_threshold(p: float) -> int:
     return round(p * _LEVELS)
 
 
+def random_words(n: int, device: torch.device) -> torch.Tensor:
+    """n uniformly random int64 words on `device`, determined by torch's RNG state."""
+    if torch.device(device).type != "cpu":
+        return torch.empty(n, dtype=torch.int64, device=device).random_(-(2**63), None)
+    seed = int(torch.empty((), dtype=torch.int64).random_())  # one draw from torch's CPU generator
+    return torch.from_numpy(np.random.SFC64(seed).random_raw(n).view(np.int64))
+
+
 def dropout_keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
     """A bool mask, True where the element is kept, with P(drop) = drop_threshold(p) / 2^16."""
     n = 1
     for size in shape:
         n *= size
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
-    draws = words.view(torch.int16)[:n]  # four uniform 16-bit integers per 64-bit word
-    return (draws >= -(2**15) + drop_threshold(p)).view(shape)
+    draws = random_words((n + 3) // 4, device).view(torch.int16)[:n]  # four uniform 16-bit integers a word
+    threshold = -(2**15) + drop_threshold(p)
+    if draws.device.type == "cpu":
+        # numpy's comparison is vectorised; torch's CPU kernel writes bool one element at a
+        # time (0.024 against 0.137 ms for 589,824 draws here). Both views share memory.
+        return torch.from_numpy(draws.numpy() >= threshold).view(shape)
+    return (draws >= threshold).view(shape)
 
 
 def apply_keep(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -104,3 +104,22 @@ def test_dropout_in_eval_and_at_zero_is_identity():
     assert Dropout(0.0).train()(x) is x
     assert Dropout(0.5).eval()(x) is x
     assert isinstance(Dropout(0.1), torch.nn.Dropout) and Dropout(0.1).p == 0.1
+
+
+def test_random_words_are_uniform_16_bit_draws_reproduced_by_torch_seed():
+    from minilora.dropout import random_words
+
+    torch.manual_seed(0)
+    words = random_words(1 << 18, torch.device("cpu"))
+    torch.manual_seed(0)
+    assert torch.equal(words, random_words(1 << 18, torch.device("cpu")))  # torch's seed decides
+    assert not torch.equal(words, random_words(1 << 18, torch.device("cpu")))  # and advances
+    # Each 16-bit lane uniform: chi-square over 256 buckets of the top byte, 2^20 draws
+    # (255 degrees of freedom: mean 255, sd 22.6; 400 is 6.4 sd out).
+    draws = words.view(torch.int16).to(torch.int32) + 2**15
+    counts = torch.bincount(draws >> 8, minlength=256).double()
+    expected = draws.numel() / 256
+    assert ((counts - expected) ** 2 / expected).sum() < 400
+    # The four lanes of a word are not copies of each other.
+    lanes = words.view(torch.int16).view(-1, 4)
+    assert (lanes[:, 0] == lanes[:, 1]).double().mean() < 1e-3
