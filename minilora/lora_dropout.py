@@ -62,10 +62,13 @@ class _LoRADropoutBranch(torch.autograd.Function):
                 grad_b = torch.mm(g.t(), h).mul_(s)
             if need_x or need_a:
                 dh = torch.mm(g, lora_b).mul_(s * c)  # c folded in: both uses need c dh
+                # The mask as 0/1 in x's dtype, converted once for both uses (a uint8
+                # operand would be converted inside each multiply).
+                m = keep.view(torch.uint8).to(x.dtype) if need_a and need_x else keep.view(torch.uint8)
                 if need_a:
-                    grad_a = torch.mm(dh.t(), apply_keep(x, keep).reshape(-1, x.shape[-1]))
+                    grad_a = torch.mm(dh.t(), (x * m).reshape(-1, x.shape[-1]))
                 if need_x:
-                    grad_x = torch.mm(dh, lora_a).view(x.shape).mul_(keep.view(torch.uint8))
+                    grad_x = torch.mm(dh, lora_a).view(x.shape).mul_(m)
         return grad_x, grad_out if need_result else None, grad_a, grad_b, None, None
 
 
