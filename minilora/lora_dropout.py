@@ -11,7 +11,7 @@ each keep their own although they read the same x. For SmolLM2-135M at 1,024 tok
 that is about 850 MB per step. Here the forward keeps x itself (one reference,
 shared by every layer that reads it), the mask as bool (1 byte per element) and
 h = c A (m ⊙ x) (r numbers per row, c = 1 / (1 - p)); the backward rebuilds m ⊙ x
-(one multiply, `minilora.dropout.apply_keep`, cheaper than keeping it):
+(one multiply by the mask's 0/1 bytes, cheaper than keeping m ⊙ x):
 
     dh = s * dy B                  (rows x r)
     dB = s * dy^T h
