@@ -33,9 +33,13 @@ every child reads, so both stacks see identical input_ids / attention_mask / lab
   non-4-bit weight is fp32 already). Both quantize the same fp32 weights with the same
   (bit-identical) algorithm, so their first losses are compared with each other. If
   bitsandbytes' CPU 4-bit step fails, the run says why and times minilora-nf4 alone.
-- gradient checkpointing off and on: minilora sets `gradient_checkpointing = True` on
-  the modules that have it (as minilora.run does); transformers gets
+- gradient checkpointing off and on: minilora calls grad_checkpoint.enable(model) (as
+  minilora.run does for `gradient_checkpointing = true`); transformers gets
   gradient_checkpointing_enable(use_reentrant=False) + enable_input_require_grads().
+  Both then keep only each decoder layer's input and run every layer forward again in
+  the backward. Mode "on2" (minilora only, compared with transformers' "on"):
+  `checkpoint_every = 2`, one layer in two checkpointed, half the recomputation for
+  about half the memory saving; transformers has no such setting.
 
 How it is measured. First a check: one fresh process per stack computes the loss of the
 first batch with the adapter injected (B = 0, so it is the base model's loss) and the
@@ -58,7 +62,8 @@ minilora too); each row records what its child ran with.
 Runs are interleaved: minilora-off, hf-off, minilora-on, hf-on, and with --repeats 2
 that list again reversed; the table shows medians over repeats. Results:
 benchmarks/results/train_lm-<host>-<date>.json. Goals (printed, never asserted):
-tokens/s minilora/hf >= 1.5x and peak RSS minilora/hf <= 0.8x, per checkpointing mode.
+tokens/s minilora/hf >= 1.5x and peak RSS minilora/hf <= 0.8x, per checkpointing mode
+(minilora's on2 against transformers' on).
 """
 
 from __future__ import annotations
@@ -91,18 +96,23 @@ QLORA_STACKS = ("minilora-nf4", "hf-bnb4")
 LOSS_GROUPS = {"fp32": STACKS, "nf4": QLORA_STACKS}
 _HELD = contextlib.ExitStack()
 GOALS = {"tokens_per_s_ratio": 1.5, "peak_rss_ratio": 0.8}
+# Checkpointing modes: layers run again in the backward, one in N (minilora's checkpoint_every).
+CHECKPOINT_EVERY = {"on": 1, "on2": 2}
+MODES = ("off", "on", "on2")
+MINILORA_ONLY_MODES = {"on2": "on"}  # mode -> the transformers mode it is compared with
 LOSS_TOLERANCE = 1e-4
 
 
 # --------------------------------------------------------------------------- children
 
 
-def _minilora_setup(job: dict, checkpointing: bool, nf4: bool = False):
+def _minilora_setup(job: dict, checkpointing: str, nf4: bool = False):
     import torch
 
     from minilora.inject import LoraConfig, inject
     from minilora.loading import load_model
     from minilora.cpu_memory import hold_freed_memory
+    from minilora.grad_checkpoint import enable
     from minilora.train import loss_sum, make_optimizer, target_count
 
     # train() runs its loop inside this on the CPU; the child keeps it until it exits.
@@ -113,10 +123,8 @@ def _minilora_setup(job: dict, checkpointing: bool, nf4: bool = False):
     torch.manual_seed(SEED)
     inject(model, LoraConfig(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"],
                              target_modules=LORA["target_modules"], task_type="CAUSAL_LM"))
-    if checkpointing:
-        for module in model.modules():
-            if hasattr(module, "gradient_checkpointing"):
-                module.gradient_checkpointing = True
+    if checkpointing != "off":
+        enable(model, every=CHECKPOINT_EVERY[checkpointing])
     model.train()
 
     def loss_of(batch):
@@ -126,7 +134,7 @@ def _minilora_setup(job: dict, checkpointing: bool, nf4: bool = False):
     return model, loss_of, lambda: make_optimizer(model, LR, 0.0, torch.device("cpu"))
 
 
-def _hf_setup(job: dict, checkpointing: bool, bnb4: bool = False):
+def _hf_setup(job: dict, checkpointing: str, bnb4: bool = False):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -137,7 +145,7 @@ def _hf_setup(job: dict, checkpointing: bool, bnb4: bool = False):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32))  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=torch.float32, **quant)
-    if checkpointing:
+    if checkpointing == "on":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     torch.manual_seed(SEED)
@@ -243,7 +251,7 @@ def child(mode: str, stack: str, checkpointing: str, job_path: str) -> dict:
     data = load_file(job["batches"])
     n_batches = data["input_ids"].shape[0]
     batches = [{k: v[i].contiguous() for k, v in data.items()} for i in range(n_batches)]
-    model, loss_of, make_opt = setup(job, checkpointing == "on", stack in QLORA_STACKS)
+    model, loss_of, make_opt = setup(job, checkpointing, stack in QLORA_STACKS)
     row = {"stack": stack, "checkpointing": checkpointing, "baseline_rss_mb": baseline,
            "torch_threads": torch.get_num_threads(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
@@ -349,7 +357,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=4, help="rows per step")
     p.add_argument("--repeats", type=int, default=1, help="fresh processes per combination (medians reported)")
     p.add_argument("--stacks", default="minilora,hf", help="comma-separated")
-    p.add_argument("--checkpointing", default="off,on", help="gradient checkpointing modes to run: off,on")
+    p.add_argument("--checkpointing", default="off,on,on2",
+                   help="gradient checkpointing modes: off, on (every layer), on2 (minilora: every 2nd layer)")
     p.add_argument("--qlora", action="store_true", help="also minilora-nf4 and hf-bnb4 (checkpointing off)")
     p.add_argument("--model-dir", type=Path, default=None, help="HF folder (default: the converted SmolLM2)")
     p.add_argument("--skip-check", action="store_true", help="skip the separate first-loss check processes")
@@ -358,18 +367,19 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.stacks = [s.strip() for s in args.stacks.split(",") if s.strip()]
     args.checkpointing = [c.strip() for c in args.checkpointing.split(",") if c.strip()]
-    if not set(args.stacks) <= set(STACKS) or not set(args.checkpointing) <= {"off", "on"}:
-        p.error(f"--stacks takes {', '.join(STACKS)}; --checkpointing takes off,on")
+    if not set(args.stacks) <= set(STACKS) or not set(args.checkpointing) <= set(MODES):
+        p.error(f"--stacks takes {', '.join(STACKS)}; --checkpointing takes {','.join(MODES)}")
     return args
 
 
 def run(steps: int = 5, seq_len: int = 256, batch_size: int = 4, repeats: int = 1, stacks=STACKS,
-        checkpointing=("off", "on"), qlora: bool = False, model_dir: Path | None = None, skip_check: bool = False,
+        checkpointing=MODES, qlora: bool = False, model_dir: Path | None = None, skip_check: bool = False,
         log=print) -> dict:
     """Measure; returns the record main() writes. log: where progress lines go."""
     script = Path(__file__).resolve()
     model_dir = model_dir or default_model_dir()
-    combos = [(stack, ckpt) for ckpt in checkpointing for stack in stacks]
+    combos = [(stack, ckpt) for ckpt in checkpointing for stack in stacks
+              if ckpt not in MINILORA_ONLY_MODES or stack == "minilora"]
     qlora_stacks = list(QLORA_STACKS) if qlora else []
     tokens_per_step = batch_size * seq_len
     qlora_unavailable = {}
@@ -440,7 +450,7 @@ def run(steps: int = 5, seq_len: int = 256, batch_size: int = 4, repeats: int = 
     pairs = [(ckpt, "minilora", "hf") for ckpt in checkpointing] + [("qlora", "minilora-nf4", "hf-bnb4")]
     for key, mine, theirs in pairs:
         ckpt = "off" if key == "qlora" else key
-        ours, hf = by.get((mine, ckpt)), by.get((theirs, ckpt))
+        ours, hf = by.get((mine, ckpt)), by.get((theirs, MINILORA_ONLY_MODES.get(ckpt, ckpt)))
         if not ours or not hf:
             continue
         tps = common.ratio(ours["tokens_per_s"], hf["tokens_per_s"])
@@ -489,7 +499,9 @@ def ratio_lines(record: dict) -> list[str]:
     lines = []
     for key, r in record["ratios_minilora_over_hf"].items():
         v = record["goals_met"][key]
-        what = "QLoRA (NF4), checkpointing off" if key == "qlora" else f"checkpointing {key}"
+        what = {"qlora": "QLoRA (NF4), checkpointing off",
+                "on2": "checkpointing on2 (minilora every 2nd layer, transformers every layer)"}.get(
+            key, f"checkpointing {key}")
         lines.append(f"{what}: minilora / hf tokens/s {r['tokens_per_s']:.2f}x (goal >= {GOALS['tokens_per_s_ratio']}x: "
                      f"{'meets' if v['tokens_per_s'] else 'MISSES'}), peak RSS {r['peak_rss']:.2f}x "
                      f"(goal <= {GOALS['peak_rss_ratio']}x: {'meets' if v['peak_rss'] else 'MISSES'}), "

@@ -94,7 +94,8 @@ def _train_step(o: Options) -> dict:
                                   log=o.log)
     # ~5-9 s a step per stack on 2 CPU cores: 3 timed steps (+1 warm-up) per stack and mode, in two
     # fresh processes each (the second round in reverse order), so one slow process is not the figure.
-    return bench_train_lm.run(steps=o.repeats or 3, repeats=2, checkpointing=("off", "on"), qlora=True, log=o.log)
+    return bench_train_lm.run(steps=o.repeats or 3, repeats=2, checkpointing=bench_train_lm.MODES, qlora=True,
+                              log=o.log)
 
 
 def _train_step_md(record: dict) -> str:

@@ -65,6 +65,7 @@ class ModelSection:
     dtype: str = "auto"                       # weights' dtype on load; auto = as stored
     num_labels: int | None = None             # unset: from the data's labels
     gradient_checkpointing: bool = False
+    checkpoint_every: int = 1                 # with checkpointing: 1 in N layers (2: half the recompute, more memory)
     method: str = "lora"                      # or "prompt_tuning": the section of that name configures it
 
 
@@ -165,7 +166,7 @@ _POSITIVE = (lambda v: v >= 1, "an integer >= 1")
 _NONNEG = (lambda v: v >= 0, ">= 0")
 _FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
 RANGES = {
-    ("model", "num_labels"): _POSITIVE, ("lora", "r"): _POSITIVE,
+    ("model", "num_labels"): _POSITIVE, ("model", "checkpoint_every"): _POSITIVE, ("lora", "r"): _POSITIVE,
     ("prompt_tuning", "num_virtual_tokens"): (lambda v: v >= 1, "an integer >= 1 (typical: 8 to 100)"),
     ("lora", "alpha"): (lambda v: v > 0, "> 0 (typical: r or 2*r)"), ("lora", "dropout"): _FRACTION,
     ("quant", "blocksize"): (lambda v: v >= 2 and v % 2 == 0,
@@ -373,6 +374,9 @@ def _cross_checks(cfg: Config) -> None:
     if lm and train.metric_for_best == "accuracy":
         raise ConfigError("train.metric_for_best = 'accuracy' needs a classification task; "
                           "use 'loss' (or 'auto') for model.task = 'causal-lm'")
+    if cfg.model.checkpoint_every != 1 and not cfg.model.gradient_checkpointing:
+        raise ConfigError(f"model.checkpoint_every = {cfg.model.checkpoint_every} only applies with gradient "
+                          "checkpointing; set model.gradient_checkpointing = true or remove checkpoint_every")
     if train.warmup_steps and train.warmup_ratio:
         raise ConfigError("train.warmup_steps and train.warmup_ratio are both set; keep one")
     pt = cfg.prompt_tuning

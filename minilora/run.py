@@ -18,7 +18,8 @@ import torch
 from .adapters import load_adapter, save_adapter
 from .atomic import atomic_write_text
 from .batching import build_datasets
-from .config import Config
+from . import grad_checkpoint
+from .config import Config, ConfigError
 from .inject import LoraConfig, inject
 from .loading import load_model
 from .paths import resolve_model_path
@@ -39,10 +40,9 @@ def _load(cfg: Config, num_labels: int | None):
                       compute_dtype=cfg.quant.compute_dtype)
     model = load_model(cfg.model.path, task=cfg.model.task, dtype=cfg.model.dtype,
                        num_labels=num_labels if cfg.model.task == CLASSIFICATION else None, **kwargs)
-    if cfg.model.gradient_checkpointing:
-        for module in model.modules():
-            if hasattr(module, "gradient_checkpointing"):
-                module.gradient_checkpointing = True
+    if cfg.model.gradient_checkpointing and not grad_checkpoint.enable(model, cfg.model.checkpoint_every):
+        raise ConfigError(f"model.gradient_checkpointing = true, but {type(model).__name__} has no checkpointed "
+                          "layers (the Llama family and GPT-2 do); set it to false")
     return model
 
 

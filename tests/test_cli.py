@@ -87,6 +87,7 @@ def test_train_eval_merge_round_trip(run_config, tiny_bert, tmp_path):
     ("train.epochs=many", "train.epochs"),
     ("data.train_file=/nowhere/train.tsv", "/nowhere/train.tsv"),
     ('lora.target_modules=["qury"]', "closest: query"),
+    ("model.gradient_checkpointing=true", "BertForSequenceClassification has no checkpointed layers"),
 ])
 def test_config_errors_are_one_line_with_exit_code_2(run_config, override, needle):
     proc = run("train", run_config, "--set", override, "--no-progress")

@@ -73,6 +73,10 @@ method = "nf4"
     (base(train={"epochs": True}), r"train.epochs: expected integer, got True"),
     (base(lora={"target_modules": ["q", 3]}), r"lora.target_modules: expected a list of strings or string"),
     (base(model={"gradient_checkpointing": "yes"}), r"model.gradient_checkpointing: expected boolean"),
+    (base(model={"gradient_checkpointing": True, "checkpoint_every": 0}),
+     r"model.checkpoint_every must be an integer >= 1, got 0"),
+    (base(model={"checkpoint_every": 2}), r"model.checkpoint_every = 2 only applies with gradient checkpointing; "
+                                          r"set model.gradient_checkpointing = true"),
     (base(train={"schedule": "cosnie"}), r"train.schedule: 'cosnie' is not one of 'linear', 'cosine', 'constant'"),
     (base(model={"task": "seq-cls"}), r"model.task: 'seq-cls' is not one of 'causal-lm', 'sequence-classification'"),
     (base(train={"device": "tpu"}), r"train.device: 'tpu' is not one of 'auto', 'cpu', 'cuda'"),

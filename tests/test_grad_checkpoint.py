@@ -126,3 +126,21 @@ def test_checkpointing_imports_no_dynamo():
               "print('torch._dynamo' in sys.modules, 'triton' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_enable_sets_every_checkpointable_module_and_rejects_bad_frequencies():
+    from minilora.grad_checkpoint import enable
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gradient_checkpointing, self.checkpoint_every = False, 1
+            self.body = torch.nn.Linear(2, 2)  # no flag: left alone
+
+    model = Model()
+    assert enable(model, every=2) == 1
+    assert model.gradient_checkpointing is True and model.checkpoint_every == 2
+    assert enable(torch.nn.Linear(2, 2)) == 0  # nothing to checkpoint: the caller decides what to say
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="expected an integer >= 1"):
+            enable(model, every=bad)

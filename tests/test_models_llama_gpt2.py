@@ -6,12 +6,14 @@ in fp32 on right-padded, left-padded and unpadded batches.
 """
 
 import json
+import sys
 
 import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
 
+from minilora.grad_checkpoint import checkpoint as real_checkpoint
 from minilora.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from minilora.models.llama import LlamaConfig, LlamaForCausalLM, rope_inv_freq
 
@@ -58,8 +60,10 @@ def convert(model, hf_state_dict):
     return out
 
 
-def build_pair(case):
+def build_pair(case, layers=None):
     hf_cfg = CASES[case]()
+    if layers is not None:
+        hf_cfg.num_hidden_layers = layers  # n_layer for GPT-2 (an alias)
     torch.manual_seed(0)
     hf = HF_CLASSES[hf_cfg.model_type](hf_cfg).eval()
     config_cls, model_cls = OUR_CLASSES[hf_cfg.model_type]
@@ -234,12 +238,12 @@ def test_unsupported_configs_name_the_problem():
         GPT2Config.from_hf({"model_type": "llama"})
 
 
-def grads_without_and_with_checkpointing(model, ids, mask, labels, seed=None):
-    """The parameters' gradients of one batch, gradient checkpointing off and then on;
-    `seed` reseeds before each forward (for dropout)."""
+def grads_without_and_with_checkpointing(model, ids, mask, labels, seed=None, every=1):
+    """The parameters' gradients of one batch, gradient checkpointing off and then on
+    (one layer in `every`); `seed` reseeds before each forward (for dropout)."""
     grads = []
     for flag in (False, True):
-        model.gradient_checkpointing = flag
+        model.gradient_checkpointing, model.checkpoint_every = flag, every
         model.zero_grad()
         if seed is not None:
             torch.manual_seed(seed)
@@ -248,9 +252,10 @@ def grads_without_and_with_checkpointing(model, ids, mask, labels, seed=None):
     return grads
 
 
+@pytest.mark.parametrize("every", [1, 2])
 @pytest.mark.parametrize("case", ["llama_gqa", "gpt2"])
-def test_gradient_checkpointing_gives_same_gradients(case):
-    _, ours = build_pair(case)
+def test_gradient_checkpointing_gives_same_gradients(case, every, monkeypatch):
+    _, ours = build_pair(case, layers=3)
     if case == "gpt2":  # dropout would make the two runs differ
         for m in ours.modules():
             if isinstance(m, torch.nn.Dropout):
@@ -259,7 +264,13 @@ def test_gradient_checkpointing_gives_same_gradients(case):
             block.attn.attn_pdrop = 0.0
     ours.train()
     ids, mask, labels = padded_batch("right")
-    grads = grads_without_and_with_checkpointing(ours, ids, mask, labels)
+    # Count the layers run under checkpoint(): 0, every, 2*every, ... of them.
+    module = sys.modules[type(ours).__module__]
+    calls = []
+    monkeypatch.setattr(module, "checkpoint", lambda fn, *a: calls.append(fn) or real_checkpoint(fn, *a))
+    grads = grads_without_and_with_checkpointing(ours, ids, mask, labels, every=every)
+    layers = list(ours.model.layers if case == "llama_gqa" else ours.transformer.h)
+    assert calls == layers[::every] and len(layers) == 3
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="use_cache=False"):

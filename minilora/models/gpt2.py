@@ -175,6 +175,7 @@ class GPT2LMHeadModel(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.tie_weights()
         self.gradient_checkpointing = False
+        self.checkpoint_every = 1  # with checkpointing on: layers 0, N, 2N, ... (grad_checkpoint.enable)
 
     @property
     def tied_weights(self) -> dict[str, str]:
@@ -238,8 +239,8 @@ class GPT2LMHeadModel(nn.Module):
         x = self.transformer.drop(tok + self.transformer.wpe(position_ids.to(tok.device)))
         mask = build_attention_mask(attention_mask, T, past, x.device)
 
-        for block in self.transformer.h:
-            if checkpointing:
+        for i, block in enumerate(self.transformer.h):
+            if checkpointing and i % self.checkpoint_every == 0:
                 x = checkpoint(block, x, mask)
             else:
                 x = block(x, mask, kv_cache)

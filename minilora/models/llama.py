@@ -289,6 +289,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.gradient_checkpointing = False
+        self.checkpoint_every = 1  # with checkpointing on: layers 0, N, 2N, ... (grad_checkpoint.enable)
         # RoPE frequencies are a pure function of the config: kept out of the state
         # dict and out of meta-device construction, recomputed per device on demand.
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
@@ -352,9 +353,9 @@ class LlamaForCausalLM(nn.Module):
         if self.config.sliding_window is not None and "sliding_attention" in self.config.layer_types:
             sliding_mask = build_attention_mask(attention_mask, T, past, x.device, self.config.sliding_window)
 
-        for layer in self.model.layers:
+        for i, layer in enumerate(self.model.layers):
             mask = sliding_mask if layer.sliding else full_mask
-            if checkpointing:
+            if checkpointing and i % self.checkpoint_every == 0:
                 x = checkpoint(layer, x, cos, sin, mask)
             else:
                 x = layer(x, cos, sin, mask, kv_cache)
