@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from .dora import DoRAMagnitude, base_weight
+from .grad_checkpoint import frozen_linear, one_row
 from .lora_dropout import lora_dropout_update
 
 # The modules of the active adapter that sit directly on the layer.
@@ -228,6 +229,21 @@ class LoRALinear(nn.Module):
         if adapter is None:
             return result
         return adapter.add_update(x, result, self.base_layer)
+
+    def forward_for_saved_tensors(self, x: torch.Tensor) -> None:
+        """forward(x) for what autograd saves only (grad_checkpoint.run_for_saved_tensors).
+
+        The adapter saves x, its mask and x A, never W0 x, and a frozen base nn.Linear saves
+        only its weight: so the base runs on one row and the adapter adds to zeros. DoRA
+        (which uses W0 x), merged, disabled and mixed-batch layers run forward in full."""
+        adapter = self.adapters.get(self.active_adapter)
+        if (self.merged or self.disabled or self.row_adapters is not None or not frozen_linear(self.base_layer)
+                or not x.is_contiguous() or (adapter is not None and adapter.lora_magnitude_vector is not None)):
+            self.forward(x)
+            return
+        self.base_layer(one_row(x))
+        if adapter is not None:
+            adapter.add_update(x, x.new_zeros(*x.shape[:-1], self.out_features), self.base_layer)
 
     def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Row i of the batch gets adapter row_adapters[i] ("base", or an adapter this

@@ -96,15 +96,26 @@ def test_bf16_base_keeps_fp32_adapter_gradients():
     assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad).all()
 
 
-def test_gradient_checkpointing_redraws_the_same_masks():
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]])
+def test_gradient_checkpointing_redraws_the_same_masks(targets):
     _, ours = build_pair("llama_gqa")
-    inject(ours, LoraConfig(r=4, alpha=8, dropout=0.3, target_modules="all-linear"))
+    inject(ours, LoraConfig(r=4, alpha=8, dropout=0.3, target_modules=targets))
     for name, p in ours.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)
     ours.train()
     ids, mask, labels = padded_batch("right")
+    # The re-run skips the down projection's frozen product (its output is discarded):
+    # the frozen nn.Linear, LoRA-wrapped or not, sees one row then, all rows otherwise.
+    rows = []
+    for layer in ours.model.layers:
+        down = layer.mlp.down_proj
+        base = down.base_layer if isinstance(down, minilora.LoRALinear) else down
+        assert type(base) is torch.nn.Linear
+        base.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[-2]))
     grads = grads_without_and_with_checkpointing(ours, ids, mask, labels, seed=9)
+    n = len(ours.model.layers)
+    assert rows == [ids.shape[1]] * n * 2 + [1] * n  # off: forward; on: forward, then each re-run
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..grad_checkpoint import checkpoint
+from ..grad_checkpoint import checkpoint, recomputing, run_for_saved_tensors
 from .kv_cache import KVCache, build_attention_mask, start_forward
 from .lm_head import CausalLMOutput, causal_lm_head
 from .rms_norm import RMSNorm
@@ -254,8 +254,12 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=config.mlp_bias)
         self.act = ACTIVATIONS[config.hidden_act]
 
-    def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x, output_used: bool = True):
+        product = self.act(self.gate_proj(x)) * self.up_proj(x)
+        if not output_used:
+            run_for_saved_tensors(self.down_proj, product)
+            return None
+        return self.down_proj(product)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -269,6 +273,11 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, mask, kv_cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
+        if recomputing():
+            # Run again by checkpointing for its saved tensors: the output is discarded,
+            # and so is the down projection's frozen product that only feeds it.
+            self.mlp(self.post_attention_layernorm(x), output_used=False)
+            return x
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
