@@ -19,16 +19,17 @@ Checkpointing one layer in every N (`enable(model, every=N)`) is the same trade 
 coarser: N = 1 keeps only layer inputs, N = 2 keeps every other layer's activations
 and runs half the layers again, so the extra forward costs half as much for about half
 the memory saving (torchtune's selective activation checkpointing by layer frequency).
-Measured on a SmolLM2-135M LoRA step (benchmarks/RESULTS.md): off 4.0 s and 2.6 GB,
-every layer 5.7 s and 1.3 GB, every other layer 5.0 s and 2.0 GB.
+Measured on a SmolLM2-135M LoRA step (benchmarks/RESULTS.md, seventh session): off
+4.25 s and 2.6 GB peak RSS, every layer 5.59 s and 1.3 GB, every other layer 5.10 s
+and 1.9 GB.
 
 A re-run block's output is thrown away, so work that only feeds the output can be
-skipped: `recomputing()` tells a block it is being re-run, and
+skipped: `recomputing(block)` tells a block it is the one being re-run, and
 `run_for_saved_tensors(layer, x)` runs a last projection for what it saves alone. A
 frozen nn.Linear saves only its weight, whatever the number of rows, so its product
 is taken on one row; for a Llama layer that skips the down projection's W0 x, a
-quarter of the layer's matmul work (5.8 -> 5.5 s a SmolLM2 step, every layer
-checkpointed).
+quarter of the frozen matmul work of the re-run (in one process, a SmolLM2 step with
+every layer checkpointed: 5.95 -> 5.81 s; every other layer: 5.13 -> 4.98 s).
 
 This is what torch.utils.checkpoint(use_reentrant=False) does. Ours exists because
 that function is wrapped in torch._disable_dynamo, whose first call imports
@@ -44,12 +45,15 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-_local = threading.local()  # how many re-runs are in progress on this thread
+_local = threading.local()  # the functions being re-run on this thread, innermost last
 
 
-def recomputing() -> bool:
-    """Whether a checkpointed block is running again for its saved tensors (its output unused)."""
-    return getattr(_local, "reruns", 0) > 0
+def recomputing(fn: Callable) -> bool:
+    """Whether `fn` is the checkpointed function now running again for its saved tensors
+    (so its output is unused). False inside anything else, e.g. a layer that is part of
+    a larger checkpointed block, whose output that block still needs."""
+    reruns = getattr(_local, "reruns", None)
+    return bool(reruns) and reruns[-1] is fn
 
 
 def frozen_linear(module: nn.Module) -> bool:
@@ -123,13 +127,15 @@ class _Block:
             torch.set_rng_state(self.cpu_rng)
             for d, state in zip(self.cuda_devices, self.cuda_rng):
                 torch.cuda.set_rng_state(state, d)
-            _local.reruns = getattr(_local, "reruns", 0) + 1
+            if not hasattr(_local, "reruns"):
+                _local.reruns = []
+            _local.reruns.append(self.fn)
             try:
                 with torch.enable_grad(), _autocast(self.autocast), \
                         torch.autograd.graph.saved_tensors_hooks(keep, lambda _: None):
                     self.fn(*self.args)
             finally:
-                _local.reruns -= 1
+                _local.reruns.pop()
         if len(saved) != self.count:
             raise RuntimeError(
                 f"gradient checkpointing: the recomputed forward saved {len(saved)} tensors, the first one "

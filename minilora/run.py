@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
+from . import grad_checkpoint
 from .adapters import load_adapter, save_adapter
 from .atomic import atomic_write_text
 from .batching import build_datasets
-from . import grad_checkpoint
 from .config import Config, ConfigError
 from .inject import LoraConfig, inject
 from .loading import load_model

@@ -96,14 +96,19 @@ def test_bf16_base_keeps_fp32_adapter_gradients():
     assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad).all()
 
 
-@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]])
-def test_gradient_checkpointing_redraws_the_same_masks(targets):
+def tiny_llama_with_dropout_lora(targets="all-linear"):
+    """The tiny GQA Llama with dropout-0.3 adapters whose B is not zero, in train mode."""
     _, ours = build_pair("llama_gqa")
     inject(ours, LoraConfig(r=4, alpha=8, dropout=0.3, target_modules=targets))
     for name, p in ours.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)
-    ours.train()
+    return ours.train()
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]])
+def test_gradient_checkpointing_redraws_the_same_masks(targets):
+    ours = tiny_llama_with_dropout_lora(targets)
     ids, mask, labels = padded_batch("right")
     # The re-run skips the down projection's frozen product (its output is discarded):
     # the frozen nn.Linear, LoRA-wrapped or not, sees one row then, all rows otherwise.
@@ -145,3 +150,22 @@ def test_in_place_update_of_the_frozen_output_keeps_gradients_right(bias):
     want.backward(torch.ones_like(want))
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_layers_inside_a_larger_checkpointed_block_run_in_full():
+    # Only the block being re-run may skip work for its discarded output; layers inside a
+    # user's checkpointed function feed the next layer there, so they must run in full.
+    from minilora.grad_checkpoint import checkpoint
+
+    ours = tiny_llama_with_dropout_lora()
+    ids, mask, labels = padded_batch("right")
+    grads = []
+    for wrap in (False, True):
+        ours.zero_grad()
+        torch.manual_seed(9)
+        run = lambda i: ours(i, attention_mask=mask, labels=labels).loss  # noqa: E731
+        (checkpoint(run, ids) if wrap else run(ids)).backward()
+        grads.append({n: p.grad.clone() for n, p in ours.named_parameters() if p.grad is not None})
+    assert len(grads[0]) > 0
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)

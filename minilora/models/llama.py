@@ -273,7 +273,7 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, mask, kv_cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
-        if recomputing():
+        if recomputing(self):
             # Run again by checkpointing for its saved tensors: the output is discarded,
             # and so is the down projection's frozen product that only feeds it.
             self.mlp(self.post_attention_layernorm(x), output_used=False)
