@@ -100,6 +100,32 @@ def test_bert_classification_matches_transformers(bert_cls):
     assert ours.newly_initialized_keys == []
 
 
+def test_training_on_real_tokens_only_matches_transformers_padded_forward(tmp_path):
+    # In train mode a padded batch runs its token-wise steps on the real tokens only
+    # (models/unpad.py); with dropout off that must change nothing: the same logits,
+    # loss and gradients as transformers' padded computation, and the real tokens'
+    # hidden states (the padded positions' are zeros, and nothing reads them).
+    torch.manual_seed(0)
+    cfg = tiny_bert_config(num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    hf = _randomise_norms(transformers.BertForSequenceClassification(cfg)).train()
+    ours = load_model(save(hf, tmp_path / "m"), task="sequence-classification").train()
+    ids, mask, tt = padded_batch()
+    labels = torch.tensor([0, 1, 1, 0])
+    out = ours(ids, attention_mask=mask, token_type_ids=tt, labels=labels)
+    ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=tt, labels=labels)
+    assert rel_err(out.logits, ref.logits) < 1e-4 and rel_err(out.loss, ref.loss) < 1e-4
+    out.loss.backward()
+    ref.loss.backward()
+    theirs = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():  # (the key bias's true gradient is 0: softmax ignores it)
+        torch.testing.assert_close(p.grad, theirs[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():
+        h = ours.bert(ids, attention_mask=mask, token_type_ids=tt).last_hidden_state
+        h_ref = hf.bert(input_ids=ids, attention_mask=mask, token_type_ids=tt).last_hidden_state
+    real = mask.bool()
+    assert rel_err(h[real], h_ref[real]) < 1e-4 and not h[~real].any()
+
+
 @torch.no_grad()
 def test_distilbert_classification_matches_transformers(distilbert_cls):
     hf, path = distilbert_cls

@@ -27,6 +27,11 @@ float tensors (and dropout.py does the same for the hidden-state dropouts).
 The pooler maps the first token ([CLS]) through a dense layer and tanh; the
 sequence classifier puts dropout and one linear layer on top of that.
 
+In training, a padded batch keeps its hidden states as (real tokens, hidden) and
+spreads them to (batch, seq, hidden) only for attention (models/unpad.py): every other
+step acts on each token alone, so padding costs no matmul work. In evaluation the
+padded layout is kept, padded positions included, as in transformers.
+
 Module names mirror the Hugging Face checkpoints key for key (including the
 attribute literally called `self` inside `attention`), so that our state_dict
 keys are the checkpoint's keys and every projection is an nn.Linear that a LoRA
@@ -45,6 +50,7 @@ from torch import nn
 
 from ..dropout import Dropout
 from .attention import attention
+from .unpad import Unpadded
 
 # --------------------------------------------------------------------------- shared
 
@@ -205,7 +211,7 @@ class BertEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids=None, token_type_ids=None, inputs_embeds=None):
+    def forward(self, input_ids=None, token_type_ids=None, inputs_embeds=None, unpadded: Unpadded | None = None):
         # inputs_embeds stands in for word[id]: prompt tuning prepends learned vectors
         # that have no token id, and they still get positions and segment 0 added.
         if inputs_embeds is None:
@@ -217,6 +223,8 @@ class BertEmbeddings(nn.Module):
             token_type_ids = torch.zeros(batch, seq, dtype=torch.long, device=inputs_embeds.device)
         h = inputs_embeds + self.token_type_embeddings(token_type_ids)
         h = h + self.position_embeddings(positions)
+        if unpadded is not None:
+            h = unpadded.take(h)  # LayerNorm and dropout are per token: skip the padding
         return self.dropout(self.LayerNorm(h))
 
 
@@ -230,16 +238,19 @@ class BertSelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
 
-    def forward(self, h, mask):
-        b, s, _ = h.shape
+    def forward(self, h, mask, unpadded: Unpadded | None = None):
+        # h: (batch, seq, hidden), or (tokens, hidden) with `unpadded`: the projections
+        # run on real tokens only, attention on the padded layout (models/unpad.py).
+        spread = unpadded.spread if unpadded is not None else (lambda x: x)
+        b, s = (unpadded.batch, unpadded.seq) if unpadded is not None else h.shape[:2]
         # (batch, seq, hidden) -> (batch, heads, seq, head_dim): SDPA attends over dim -2.
         q, k, v = (
-            proj(h).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+            spread(proj(h)).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
             for proj in (self.query, self.key, self.value)
         )
         p = self.dropout_p if self.training else 0.0
-        out = attention(q, k, v, mask, p)
-        return out.transpose(1, 2).reshape(b, s, -1)
+        out = attention(q, k, v, mask, p).transpose(1, 2).reshape(b, s, -1)
+        return unpadded.take(out) if unpadded is not None else out
 
 
 class BertSelfOutput(nn.Module):
@@ -261,8 +272,8 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, h, mask):
-        return self.output(self.self(h, mask), h)
+    def forward(self, h, mask, unpadded: Unpadded | None = None):
+        return self.output(self.self(h, mask, unpadded), h)
 
 
 class BertIntermediate(nn.Module):
@@ -289,8 +300,8 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, h, mask):
-        a = self.attention(h, mask)
+    def forward(self, h, mask, unpadded: Unpadded | None = None):
+        a = self.attention(h, mask, unpadded)
         return self.output(self.intermediate(a), a)
 
 
@@ -299,9 +310,9 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
 
-    def forward(self, h, mask):
+    def forward(self, h, mask, unpadded: Unpadded | None = None):
         for layer in self.layer:
-            h = layer(h, mask)
+            h = layer(h, mask, unpadded)
         return h
 
 
@@ -358,8 +369,12 @@ class BertModel(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None) -> EncoderOutput:
         check_one_input(input_ids, inputs_embeds)
-        h = self.embeddings(input_ids, token_type_ids, inputs_embeds)
-        h = self.encoder(h, padding_mask(attention_mask, h.dtype))
+        # Training on a padded batch runs every token-wise step on the real tokens only.
+        unpadded = Unpadded(attention_mask) if Unpadded.worthwhile(attention_mask, self.training) else None
+        h = self.embeddings(input_ids, token_type_ids, inputs_embeds, unpadded)
+        h = self.encoder(h, padding_mask(attention_mask, h.dtype), unpadded)
+        if unpadded is not None:
+            h = unpadded.spread(h)
         return EncoderOutput(last_hidden_state=h, pooler_output=self.pooler(h))
 
 
