@@ -100,28 +100,36 @@ def test_bert_classification_matches_transformers(bert_cls):
     assert ours.newly_initialized_keys == []
 
 
-def test_training_on_real_tokens_only_matches_transformers_padded_forward(tmp_path):
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_training_on_real_tokens_only_matches_transformers_padded_forward(family, tmp_path):
     # In train mode a padded batch runs its token-wise steps on the real tokens only
     # (models/unpad.py); with dropout off that must change nothing: the same logits,
     # loss and gradients as transformers' padded computation, and the real tokens'
     # hidden states (the padded positions' are zeros, and nothing reads them).
     torch.manual_seed(0)
-    cfg = tiny_bert_config(num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    hf = _randomise_norms(transformers.BertForSequenceClassification(cfg)).train()
+    if family == "bert":
+        cfg = tiny_bert_config(num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        hf = transformers.BertForSequenceClassification(cfg)
+    else:
+        cfg = tiny_distilbert_config(num_labels=2, dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0)
+        hf = transformers.DistilBertForSequenceClassification(cfg)
+    hf = _randomise_norms(hf).train()
     ours = load_model(save(hf, tmp_path / "m"), task="sequence-classification").train()
     ids, mask, tt = padded_batch()
+    kw = {"token_type_ids": tt} if family == "bert" else {}
     labels = torch.tensor([0, 1, 1, 0])
-    out = ours(ids, attention_mask=mask, token_type_ids=tt, labels=labels)
-    ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=tt, labels=labels)
+    out = ours(ids, attention_mask=mask, labels=labels, **kw)
+    ref = hf(input_ids=ids, attention_mask=mask, labels=labels, **kw)
     assert rel_err(out.logits, ref.logits) < 1e-4 and rel_err(out.loss, ref.loss) < 1e-4
     out.loss.backward()
     ref.loss.backward()
     theirs = dict(hf.named_parameters())
     for name, p in ours.named_parameters():  # (the key bias's true gradient is 0: softmax ignores it)
         torch.testing.assert_close(p.grad, theirs[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+    encoder, hf_encoder = (ours.bert, hf.bert) if family == "bert" else (ours.distilbert, hf.distilbert)
     with torch.no_grad():
-        h = ours.bert(ids, attention_mask=mask, token_type_ids=tt).last_hidden_state
-        h_ref = hf.bert(input_ids=ids, attention_mask=mask, token_type_ids=tt).last_hidden_state
+        h = encoder(ids, attention_mask=mask, **kw).last_hidden_state
+        h_ref = hf_encoder(input_ids=ids, attention_mask=mask, **kw).last_hidden_state
     real = mask.bool()
     assert rel_err(h[real], h_ref[real]) < 1e-4 and not h[~real].any()
 

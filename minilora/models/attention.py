@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..dropout import dropout_keep_mask, keep_scale
+from .unpad import Unpadded
 
 
 def _scores(q, k, mask, scale):
@@ -66,6 +67,21 @@ class _AttentionByteMaskDropout(torch.autograd.Function):
         grad_q = torch.matmul(grad_s, k).mul_(scale)
         grad_k = torch.matmul(grad_s.transpose(-2, -1), q).mul_(scale)
         return grad_q, grad_k, grad_v, None, None
+
+
+def self_attention(h: torch.Tensor, projections, num_heads: int, mask: torch.Tensor | None, dropout_p: float,
+                   unpadded: Unpadded | None = None) -> torch.Tensor:
+    """Multi-head self-attention of an encoder layer, before its output projection.
+
+    h: (batch, seq, hidden), or (tokens, hidden) with `unpadded`: then the q/k/v
+    projections run on the real tokens only and are spread to the padded layout for
+    attention alone (models/unpad.py). Returns h's layout."""
+    b, s = (unpadded.batch, unpadded.seq) if unpadded is not None else h.shape[:2]
+    q, k, v = (proj(h) if unpadded is None else unpadded.spread(proj(h)) for proj in projections)
+    # (batch, seq, hidden) -> (batch, heads, seq, head_dim): attention runs over dim -2.
+    q, k, v = (t.view(b, s, num_heads, -1).transpose(1, 2) for t in (q, k, v))
+    out = attention(q, k, v, mask, dropout_p).transpose(1, 2).reshape(b, s, -1)
+    return out if unpadded is None else unpadded.take(out)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

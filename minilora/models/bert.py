@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..dropout import Dropout
-from .attention import attention
+from .attention import self_attention
 from .unpad import Unpadded
 
 # --------------------------------------------------------------------------- shared
@@ -232,25 +232,14 @@ class BertSelfAttention(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
         self.num_heads = config.num_attention_heads
-        self.head_dim = config.hidden_size // config.num_attention_heads
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
 
     def forward(self, h, mask, unpadded: Unpadded | None = None):
-        # h: (batch, seq, hidden), or (tokens, hidden) with `unpadded`: the projections
-        # run on real tokens only, attention on the padded layout (models/unpad.py).
-        spread = unpadded.spread if unpadded is not None else (lambda x: x)
-        b, s = (unpadded.batch, unpadded.seq) if unpadded is not None else h.shape[:2]
-        # (batch, seq, hidden) -> (batch, heads, seq, head_dim): SDPA attends over dim -2.
-        q, k, v = (
-            spread(proj(h)).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
-            for proj in (self.query, self.key, self.value)
-        )
         p = self.dropout_p if self.training else 0.0
-        out = attention(q, k, v, mask, p).transpose(1, 2).reshape(b, s, -1)
-        return unpadded.take(out) if unpadded is not None else out
+        return self_attention(h, (self.query, self.key, self.value), self.num_heads, mask, p, unpadded)
 
 
 class BertSelfOutput(nn.Module):

@@ -15,7 +15,8 @@ hidden state directly, through its own small MLP:
 
 Module names mirror the Hugging Face checkpoint keys (`distilbert.transformer.
 layer.N.attention.q_lin`, ...), and every projection is an nn.Linear that LoRA can
-wrap. Shared pieces (mask, activations, outputs, loss, init) come from bert.py.
+wrap. Shared pieces (mask, activations, outputs, loss, init) come from bert.py, and
+training on a padded batch runs on its real tokens only, as BERT's does (models/unpad.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..dropout import Dropout
-from .attention import attention
+from .attention import self_attention
 from .bert import (
     EncoderOutput,
     SequenceClassifierOutput,
@@ -38,6 +39,7 @@ from .bert import (
     init_weights,
     padding_mask,
 )
+from .unpad import Unpadded
 
 _LAYER_NORM_EPS = 1e-12  # fixed in DistilBERT; not a config field
 
@@ -90,12 +92,14 @@ class Embeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.dim, eps=_LAYER_NORM_EPS)
         self.dropout = Dropout(config.dropout)
 
-    def forward(self, input_ids=None, inputs_embeds=None):
+    def forward(self, input_ids=None, inputs_embeds=None, unpadded: Unpadded | None = None):
         # inputs_embeds stands in for word[id] (prompt tuning's learned vectors).
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
         positions = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
         h = inputs_embeds + self.position_embeddings(positions)
+        if unpadded is not None:
+            h = unpadded.take(h)  # LayerNorm and dropout are per token: skip the padding
         return self.dropout(self.LayerNorm(h))
 
 
@@ -103,21 +107,15 @@ class MultiHeadSelfAttention(nn.Module):
     def __init__(self, config: DistilBertConfig):
         super().__init__()
         self.n_heads = config.n_heads
-        self.head_dim = config.dim // config.n_heads
         self.q_lin = nn.Linear(config.dim, config.dim)
         self.k_lin = nn.Linear(config.dim, config.dim)
         self.v_lin = nn.Linear(config.dim, config.dim)
         self.out_lin = nn.Linear(config.dim, config.dim)
         self.dropout_p = config.attention_dropout
 
-    def forward(self, h, mask):
-        b, s, _ = h.shape
-        q, k, v = (
-            lin(h).view(b, s, self.n_heads, self.head_dim).transpose(1, 2) for lin in (self.q_lin, self.k_lin, self.v_lin)
-        )
+    def forward(self, h, mask, unpadded: Unpadded | None = None):
         p = self.dropout_p if self.training else 0.0
-        out = attention(q, k, v, mask, p)
-        return self.out_lin(out.transpose(1, 2).reshape(b, s, -1))
+        return self.out_lin(self_attention(h, (self.q_lin, self.k_lin, self.v_lin), self.n_heads, mask, p, unpadded))
 
 
 class FFN(nn.Module):
@@ -140,9 +138,9 @@ class TransformerBlock(nn.Module):
         self.ffn = FFN(config)
         self.output_layer_norm = nn.LayerNorm(config.dim, eps=_LAYER_NORM_EPS)
 
-    def forward(self, h, mask):
+    def forward(self, h, mask, unpadded: Unpadded | None = None):
         # transformers applies no dropout to the attention output here, unlike BERT.
-        a = self.sa_layer_norm(self.attention(h, mask) + h)
+        a = self.sa_layer_norm(self.attention(h, mask, unpadded) + h)
         return self.output_layer_norm(self.ffn(a) + a)
 
 
@@ -151,9 +149,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
 
-    def forward(self, h, mask):
+    def forward(self, h, mask, unpadded: Unpadded | None = None):
         for layer in self.layer:
-            h = layer(h, mask)
+            h = layer(h, mask, unpadded)
         return h
 
 
@@ -197,8 +195,11 @@ class DistilBertModel(nn.Module):
         # token_type_ids is accepted so one training loop fits every encoder;
         # DistilBERT has no segment embeddings, so it is ignored.
         check_one_input(input_ids, inputs_embeds)
-        h = self.embeddings(input_ids, inputs_embeds)
-        return EncoderOutput(last_hidden_state=self.transformer(h, padding_mask(attention_mask, h.dtype)))
+        # Training on a padded batch runs every token-wise step on the real tokens only.
+        unpadded = Unpadded(attention_mask) if Unpadded.worthwhile(attention_mask, self.training) else None
+        h = self.embeddings(input_ids, inputs_embeds, unpadded)
+        h = self.transformer(h, padding_mask(attention_mask, h.dtype), unpadded)
+        return EncoderOutput(last_hidden_state=h if unpadded is None else unpadded.spread(h))
 
 
 class DistilBertForSequenceClassification(nn.Module):

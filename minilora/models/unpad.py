@@ -14,7 +14,8 @@ The padded positions take no part in any result (attention's mask gives their ke
 no weight; their queries' outputs are dropped again), so the real tokens' values are
 the same as the padded computation's, for a fraction of the matmul work. This is the
 "unpadding" of FlashAttention's BERT and of NVIDIA's BERT training code; with it,
-random batches cost about what length-grouped ones do (benchmarks/RESULTS.md).
+random batches cost about what length-grouped ones do (benchmarks/RESULTS.md). Our
+BERT and DistilBERT use it in training; attention.self_attention does the spreading.
 """
 
 from __future__ import annotations
