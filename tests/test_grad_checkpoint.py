@@ -144,3 +144,16 @@ def test_enable_sets_every_checkpointable_module_and_rejects_bad_frequencies():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="expected an integer >= 1"):
             enable(model, every=bad)
+
+
+def test_config_checkpoints_one_layer_in_n(tmp_path):
+    from tiny_models import tiny_llama
+
+    from minilora.config import config_from_dict
+    from minilora.run import _load
+
+    tiny_llama().save_pretrained(tmp_path / "m")
+    cfg = config_from_dict({"model": {"path": str(tmp_path / "m"), "gradient_checkpointing": True,
+                                      "checkpoint_every": 2}, "data": {"train_file": "t"}})
+    model = _load(cfg, None)
+    assert model.gradient_checkpointing is True and model.checkpoint_every == 2
