@@ -45,14 +45,21 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-_local = threading.local()  # the functions being re-run on this thread, innermost last
+_local = threading.local()
+
+
+def _reruns() -> list[Callable]:
+    """The functions being re-run on this thread, innermost last."""
+    if not hasattr(_local, "reruns"):
+        _local.reruns = []
+    return _local.reruns
 
 
 def recomputing(fn: Callable) -> bool:
     """Whether `fn` is the checkpointed function now running again for its saved tensors
     (so its output is unused). False inside anything else, e.g. a layer that is part of
     a larger checkpointed block, whose output that block still needs."""
-    reruns = getattr(_local, "reruns", None)
+    reruns = _reruns()
     return bool(reruns) and reruns[-1] is fn
 
 
@@ -127,15 +134,13 @@ class _Block:
             torch.set_rng_state(self.cpu_rng)
             for d, state in zip(self.cuda_devices, self.cuda_rng):
                 torch.cuda.set_rng_state(state, d)
-            if not hasattr(_local, "reruns"):
-                _local.reruns = []
-            _local.reruns.append(self.fn)
+            _reruns().append(self.fn)
             try:
                 with torch.enable_grad(), _autocast(self.autocast), \
                         torch.autograd.graph.saved_tensors_hooks(keep, lambda _: None):
                     self.fn(*self.args)
             finally:
-                _local.reruns.pop()
+                _reruns().pop()
         if len(saved) != self.count:
             raise RuntimeError(
                 f"gradient checkpointing: the recomputed forward saved {len(saved)} tensors, the first one "

@@ -359,7 +359,7 @@ class BertModel(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None) -> EncoderOutput:
         check_one_input(input_ids, inputs_embeds)
         # Training on a padded batch runs every token-wise step on the real tokens only.
-        unpadded = Unpadded(attention_mask) if Unpadded.worthwhile(attention_mask, self.training) else None
+        unpadded = Unpadded.in_training(attention_mask, self.training)
         h = self.embeddings(input_ids, token_type_ids, inputs_embeds, unpadded)
         h = self.encoder(h, padding_mask(attention_mask, h.dtype), unpadded)
         if unpadded is not None:

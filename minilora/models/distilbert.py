@@ -196,7 +196,7 @@ class DistilBertModel(nn.Module):
         # DistilBERT has no segment embeddings, so it is ignored.
         check_one_input(input_ids, inputs_embeds)
         # Training on a padded batch runs every token-wise step on the real tokens only.
-        unpadded = Unpadded(attention_mask) if Unpadded.worthwhile(attention_mask, self.training) else None
+        unpadded = Unpadded.in_training(attention_mask, self.training)
         h = self.embeddings(input_ids, inputs_embeds, unpadded)
         h = self.transformer(h, padding_mask(attention_mask, h.dtype), unpadded)
         return EncoderOutput(last_hidden_state=h if unpadded is None else unpadded.spread(h))

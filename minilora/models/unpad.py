@@ -39,8 +39,11 @@ class Unpadded:
         out = x.new_zeros(self.batch * self.seq, *x.shape[1:])
         return out.index_copy(0, self.rows, x).view(self.batch, self.seq, *x.shape[1:])
 
-    @staticmethod
-    def worthwhile(attention_mask: torch.Tensor | None, training: bool) -> bool:
-        """Unpad in training when something is padded. In evaluation the padded layout is
-        kept, so that last_hidden_state's padded positions hold what transformers' do."""
-        return training and attention_mask is not None and not bool(attention_mask.all())
+    @classmethod
+    def in_training(cls, attention_mask: torch.Tensor | None, training: bool) -> "Unpadded | None":
+        """The batch's real tokens when training on a padded batch, else None. In evaluation
+        the padded layout is kept, so that last_hidden_state's padded positions hold what
+        transformers' do."""
+        if not training or attention_mask is None or bool(attention_mask.all()):
+            return None
+        return cls(attention_mask)
