@@ -111,3 +111,15 @@ def test_unknown_suite_is_an_error_that_lists_the_suites(bench, capsys):
         runner.parse_args(["lora_lin"])
     assert "lora_linear, nf4, train_step, load" in capsys.readouterr().err
     assert runner.parse_args(["lora_linear nf4"]).suites == ["lora_linear", "nf4"]  # make SUITES="a b"
+
+
+def test_bench_unpad_quick_times_both_paths_and_restores_the_model_code(bench):
+    from benchmarks import bench_unpad
+    from minilora.models.unpad import Unpadded
+
+    before = Unpadded.__dict__["in_training"]
+    record = bench_unpad.run(quick=True)
+    assert [r["path"] for r in record["results"]] == ["padded", "real tokens"]
+    assert all(len(r["step_s_all"]) == 1 and r["step_s"] > 0 for r in record["results"])
+    assert record["padded_positions"] > 2 * record["real_tokens"] > 0  # SST-2 lengths: ~2/3 padding
+    assert Unpadded.__dict__["in_training"] is before
