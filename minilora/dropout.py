@@ -70,12 +70,18 @@ def dropout_keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: tor
     return (draws >= threshold).view(shape)
 
 
+def keep_factor(keep: torch.Tensor) -> torch.Tensor:
+    """The bool mask as a 0/1 multiplier: its bytes read as uint8 (no copy), which torch's
+    vectorised arithmetic multiplies by, where a bool operand is read element by element."""
+    return keep.view(torch.uint8)
+
+
 def apply_keep(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """x with the elements where `keep` is False set to zero (a new tensor).
 
-    Multiplies by the mask's bytes read as uint8, torch's fast path (see the module
-    docstring); a NaN or inf that is dropped stays NaN, as in torch's own dropout."""
-    return x * keep.view(torch.uint8)
+    Multiplies by keep_factor(keep), torch's fast path (see the module docstring); a NaN
+    or inf that is dropped stays NaN, as in torch's own dropout."""
+    return x * keep_factor(keep)
 
 
 def keep_scale(p: float) -> float:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from .dropout import apply_keep, dropout_keep_mask, keep_scale
+from .dropout import apply_keep, dropout_keep_mask, keep_factor, keep_scale
 
 
 class _LoRADropoutBranch(torch.autograd.Function):
@@ -64,7 +64,7 @@ class _LoRADropoutBranch(torch.autograd.Function):
                 dh = torch.mm(g, lora_b).mul_(s * c)  # c folded in: both uses need c dh
                 # The mask as 0/1 in x's dtype, converted once for both uses (a uint8
                 # operand would be converted inside each multiply).
-                m = keep.view(torch.uint8).to(x.dtype) if need_a and need_x else keep.view(torch.uint8)
+                m = keep_factor(keep).to(x.dtype) if need_a and need_x else keep_factor(keep)
                 if need_a:
                     grad_a = torch.mm(dh.t(), (x * m).reshape(-1, x.shape[-1]))
                 if need_x:

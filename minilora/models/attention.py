@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..dropout import dropout_keep_mask, keep_scale
+from ..dropout import dropout_keep_mask, keep_factor, keep_scale
 from .unpad import Unpadded
 
 
@@ -47,8 +47,8 @@ class _AttentionByteMaskDropout(torch.autograd.Function):
         probs = s.sub_(lse).exp_()
         keep = dropout_keep_mask(probs.shape, p, probs.device)
         c = keep_scale(p)
-        # The mask's bytes as uint8: torch's fast path (see minilora.dropout).
-        out = torch.matmul(probs.mul_(keep.view(torch.uint8)), v).mul_(c)
+        # In place on P, which nothing else reads: keep_factor is torch's fast path.
+        out = torch.matmul(probs.mul_(keep_factor(keep)), v).mul_(c)
         ctx.save_for_backward(q, k, v, mask, lse, keep)
         ctx.scale, ctx.c = scale, c
         return out
@@ -58,7 +58,7 @@ class _AttentionByteMaskDropout(torch.autograd.Function):
         q, k, v, mask, lse, keep = ctx.saved_tensors
         scale, c = ctx.scale, ctx.c
         probs = _scores(q, k, mask, scale).sub_(lse).exp_()
-        keep = keep.view(torch.uint8)
+        keep = keep_factor(keep)
         kept = (probs * keep).mul_(c)  # P'
         grad_v = torch.matmul(kept.transpose(-2, -1), grad_out)
         grad_p = torch.matmul(grad_out, v.transpose(-2, -1)).mul_(keep).mul_(c)
