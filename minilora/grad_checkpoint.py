@@ -27,11 +27,22 @@ A re-run block's output is thrown away, so work that only feeds the output can b
 skipped: `recomputing(block)` tells a block it is the one being re-run, and
 `run_for_saved_tensors(layer, x)` runs a last projection for what it saves alone. A
 frozen nn.Linear saves only its weight, whatever the number of rows, so its product
-is taken on one row; for a Llama layer that skips the down projection's W0 x, a
-quarter of the frozen matmul work of the re-run (in one process, a SmolLM2 step with
-every layer checkpointed: 5.95 -> 5.81 s; every other layer: 5.13 -> 4.98 s).
+is taken on one row. A Llama layer is checkpointed as its two residual branches, so
+both o_proj and down_proj skip their frozen W0 x in the re-run.
 
-This is what torch.utils.checkpoint(use_reentrant=False) does. Ours exists because
+And what is cheaper to keep than to make again need not be made again:
+`kept_for_rerun(compute, pack, unpack)` keeps a value from the block's first run for
+its re-runs. The dropout masks are kept at one bit per element (minilora/dropout.py)
+and a Llama layer's attention output with its log-sum-exp
+(models/checkpointed_attention.py).
+
+Measured on a SmolLM2-135M LoRA step with every layer checkpointed, in one process
+(benchmarks/RESULTS.md): skipping down_proj's product 5.95 -> 5.81 s (seventh
+session); then the masks kept, the branches checkpointed apart and the attention kept,
+6.00 -> 5.57 s together (the three alone: -0.14, -0.11 and -0.17 s), for 19 + 71 + 71 MB
+more kept per step.
+
+The mechanism is what torch.utils.checkpoint(use_reentrant=False) does. Ours exists because
 that function is wrapped in torch._disable_dynamo, whose first call imports
 torch._dynamo and with it Triton: ~140 MB of resident memory in a CPU training run
 that compiles nothing, where checkpointing is there to save memory.
@@ -39,28 +50,62 @@ that compiles nothing, where checkpointing is there to save memory.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 _local = threading.local()
+T = TypeVar("T")
 
 
-def _reruns() -> list[Callable]:
-    """The functions being re-run on this thread, innermost last."""
-    if not hasattr(_local, "reruns"):
-        _local.reruns = []
-    return _local.reruns
+def _running() -> list[tuple["_Block", bool]]:
+    """The checkpointed blocks running on this thread, innermost last, each with whether
+    it is running again for its saved tensors (True) or for the first time (False)."""
+    if not hasattr(_local, "running"):
+        _local.running = []
+    return _local.running
 
 
 def recomputing(fn: Callable) -> bool:
     """Whether `fn` is the checkpointed function now running again for its saved tensors
     (so its output is unused). False inside anything else, e.g. a layer that is part of
     a larger checkpointed block, whose output that block still needs."""
-    reruns = _reruns()
-    return bool(reruns) and reruns[-1] is fn
+    running = _running()
+    return bool(running) and running[-1][1] and running[-1][0].fn == fn
+
+
+def in_checkpointed_block() -> bool:
+    """Whether a checkpointed block is running on this thread (first run or re-run)."""
+    return bool(_running())
+
+
+def kept_for_rerun(compute: Callable[[], T], pack: Callable[[T], Any] = lambda v: v,
+                   unpack: Callable[[Any], T] = lambda v: v) -> T:
+    """compute(), except inside a checkpointed block: its first run keeps pack(value) and
+    its re-runs return unpack(kept) in the same order instead of computing again.
+
+    For values cheaper to keep than to make, e.g. a dropout mask packed to one bit per
+    element (0.05 ms to pack and unpack a 1024 x 576 mask, 0.34 ms to draw it). The
+    value must be what the re-run would compute: the block runs with the same inputs
+    and RNG state, so anything computed from them is."""
+    running = _running()
+    if not running:
+        return compute()
+    block, rerun = running[-1]
+    if rerun:
+        if block.replayed == len(block.kept):
+            raise RuntimeError("gradient checkpointing: the recomputed forward asks for more kept values "
+                               f"than the first run kept ({len(block.kept)}); the checkpointed function must "
+                               "run the same ops given the same inputs")
+        block.replayed += 1
+        return unpack(block.kept[block.replayed - 1])
+    value = compute()
+    block.kept.append(pack(value))
+    return value
 
 
 def frozen_linear(module: nn.Module) -> bool:
@@ -109,6 +154,8 @@ class _Block:
         self.count = 0  # tensors the first run saved
         self.saved: list[torch.Tensor] | None = None
         self.unpacked = 0
+        self.kept: list = []  # kept_for_rerun's values, in the order the first run made them
+        self.replayed = 0
 
     def get(self, index: int) -> torch.Tensor:
         if self.saved is None or self.saved[index] is None:  # first use, or a second backward
@@ -134,18 +181,25 @@ class _Block:
             torch.set_rng_state(self.cpu_rng)
             for d, state in zip(self.cuda_devices, self.cuda_rng):
                 torch.cuda.set_rng_state(state, d)
-            _reruns().append(self.fn)
-            try:
-                with torch.enable_grad(), _autocast(self.autocast), \
-                        torch.autograd.graph.saved_tensors_hooks(keep, lambda _: None):
-                    self.fn(*self.args)
-            finally:
-                _reruns().pop()
-        if len(saved) != self.count:
+            self.replayed = 0
+            with _run(self, rerun=True), torch.enable_grad(), _autocast(self.autocast), \
+                    torch.autograd.graph.saved_tensors_hooks(keep, lambda _: None):
+                self.fn(*self.args)
+        if len(saved) != self.count or self.replayed != len(self.kept):
             raise RuntimeError(
-                f"gradient checkpointing: the recomputed forward saved {len(saved)} tensors, the first one "
-                f"{self.count}; the checkpointed function must run the same ops given the same inputs")
+                f"gradient checkpointing: the recomputed forward saved {len(saved)} tensors and took back "
+                f"{self.replayed} kept values, the first one {self.count} and {len(self.kept)}; the checkpointed "
+                "function must run the same ops given the same inputs")
         return saved
+
+
+@contextlib.contextmanager
+def _run(block: _Block, rerun: bool):
+    _running().append((block, rerun))
+    try:
+        yield
+    finally:
+        _running().pop()
 
 
 class _autocast:
@@ -185,5 +239,5 @@ def checkpoint(fn: Callable, *args):
         block.count += 1
         return block.count - 1
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, block.get):
+    with _run(block, rerun=False), torch.autograd.graph.saved_tensors_hooks(pack, block.get):
         return fn(*args)

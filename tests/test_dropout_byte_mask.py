@@ -123,3 +123,30 @@ def test_random_words_are_uniform_16_bit_draws_reproduced_by_torch_seed():
     # The four lanes of a word are not copies of each other.
     lanes = words.view(torch.int16).view(-1, 4)
     assert (lanes[:, 0] == lanes[:, 1]).double().mean() < 1e-3
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7), (2, 64)])
+def test_checkpoint_rerun_takes_the_mask_back_instead_of_drawing_it(shape, monkeypatch):
+    # The re-run of a checkpointed block gets each mask from the first run, kept at one
+    # bit per element, and still moves torch's generator on as a draw would: torch's own
+    # dropout after it draws the same noise, so the gradients equal those without checkpointing.
+    import minilora.dropout as dropout_module
+    from minilora.grad_checkpoint import checkpoint
+
+    draws = []
+    real = dropout_module._sfc64_words
+    monkeypatch.setattr(dropout_module, "_sfc64_words", lambda seed, n: draws.append(n) or real(seed, n))
+    ours, theirs = Dropout(0.4).train(), torch.nn.Dropout(0.3).train()
+
+    def block(x):
+        return theirs(ours(x.sin())).exp()
+
+    grads = []
+    for wrap in (False, True):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        torch.manual_seed(7)
+        (checkpoint(block, x) if wrap else block(x)).sum().backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+    assert len(draws) == 2  # one per forward; none in the re-run
+    assert (grads[0] == 0).any() and (grads[0] != 0).any()

@@ -157,3 +157,45 @@ def test_config_checkpoints_one_layer_in_n(tmp_path):
                                       "checkpoint_every": 2}, "data": {"train_file": "t"}})
     model = _load(cfg, None)
     assert model.gradient_checkpointing is True and model.checkpoint_every == 2
+
+
+def test_kept_values_come_back_in_the_rerun_instead_of_being_computed():
+    from minilora.grad_checkpoint import in_checkpointed_block, kept_for_rerun
+
+    computed, inside = [], []
+
+    def block(x):
+        inside.append(in_checkpointed_block())
+        # A value the block could make again; here it counts how often it is made.
+        w = kept_for_rerun(lambda: computed.append(1) or torch.full((3,), 2.0), pack=lambda t: t * 10,
+                           unpack=lambda t: t / 10)
+        return (x * w).exp()  # exp saves its output, x * w saves w
+
+    x = torch.randn(3, requires_grad=True)
+    out = checkpoint(block, x).sum()
+    (g1,) = torch.autograd.grad(out, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(out, x)  # a second backward runs the block again
+    want = 2.0 * (2.0 * x.detach()).exp()
+    torch.testing.assert_close(g1, want, rtol=0, atol=0)
+    torch.testing.assert_close(g2, want, rtol=0, atol=0)
+    assert computed == [1] and inside == [True, True, True]  # made once, by the first run
+    assert not in_checkpointed_block()
+    kept_for_rerun(lambda: computed.append(1))  # outside any block: just computed
+    assert computed == [1, 1]
+
+
+def test_a_rerun_that_asks_for_other_kept_values_is_an_error():
+    from minilora.grad_checkpoint import kept_for_rerun
+
+    runs = []
+
+    def unstable(x):
+        runs.append(1)
+        for _ in range(1 if len(runs) == 1 else 2):
+            kept_for_rerun(lambda: 1.0)
+        return x.exp()
+
+    x = torch.randn(3, requires_grad=True)
+    out = checkpoint(unstable, x)
+    with pytest.raises(RuntimeError, match="more kept values than the first run kept"):
+        out.sum().backward()
