@@ -52,7 +52,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..grad_checkpoint import checkpoint, recomputing, run_for_saved_tensors
-from .checkpointed_attention import scaled_dot_product_attention
 from .kv_cache import KVCache, build_attention_mask, start_forward
 from .lm_head import CausalLMOutput, causal_lm_head
 from .rms_norm import RMSNorm
@@ -228,7 +227,7 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=config.o_bias)
 
-    def forward(self, x, cos, sin, mask, kv_cache: KVCache | None, output_used: bool = True):
+    def forward(self, x, cos, sin, mask, kv_cache: KVCache | None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -239,15 +238,11 @@ class LlamaAttention(nn.Module):
         groups = self.n_heads // self.n_kv_heads
         # enable_gqa lets each kv head serve its `groups` query heads without copying K
         # and V to every head (a copy autograd would also keep for backward).
-        y = scaled_dot_product_attention(
+        y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=groups > 1,
         )
-        y = y.transpose(1, 2).reshape(B, T, -1)
-        if not output_used:
-            run_for_saved_tensors(self.o_proj, y)
-            return None
-        return self.o_proj(y)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class LlamaMLP(nn.Module):
@@ -277,25 +272,13 @@ class LlamaDecoderLayer(nn.Module):
         self.sliding = config.layer_types[layer_idx] == "sliding_attention"
 
     def forward(self, x, cos, sin, mask, kv_cache=None):
-        x = x + self.attention_branch(x, cos, sin, mask, kv_cache)
-        return x + self.mlp_branch(x)
-
-    def checkpointed(self, x, cos, sin, mask):
-        """forward() with gradient checkpointing, each residual branch a block of its own.
-
-        Two blocks keep two hidden states a layer where one block would keep one (+2.4 MB
-        a SmolLM2-135M layer at 1,024 tokens), and buy this: a re-run block's output is
-        thrown away, so each branch's last projection (o_proj, down_proj) skips its
-        frozen product; with the layer as one block, o_proj's output still fed the MLP."""
-        x = x + checkpoint(self.attention_branch, x, cos, sin, mask)
-        return x + checkpoint(self.mlp_branch, x)
-
-    def attention_branch(self, x, cos, sin, mask, kv_cache=None):
-        output_used = not recomputing(self.attention_branch)
-        return self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, output_used=output_used)
-
-    def mlp_branch(self, x):
-        return self.mlp(self.post_attention_layernorm(x), output_used=not recomputing(self.mlp_branch))
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
+        if recomputing(self):
+            # Run again by checkpointing for its saved tensors: the output is discarded,
+            # and so is the down projection's frozen product that only feeds it.
+            self.mlp(self.post_attention_layernorm(x), output_used=False)
+            return x
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -382,7 +365,7 @@ class LlamaForCausalLM(nn.Module):
         for i, layer in enumerate(self.model.layers):
             mask = sliding_mask if layer.sliding else full_mask
             if checkpointing and i % self.checkpoint_every == 0:
-                x = layer.checkpointed(x, cos, sin, mask)
+                x = checkpoint(layer, x, cos, sin, mask)
             else:
                 x = layer(x, cos, sin, mask, kv_cache)
         logits, loss, loss_sum = causal_lm_head(self.lm_head, self.model.norm(x), labels, return_logits)
