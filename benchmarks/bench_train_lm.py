@@ -69,6 +69,7 @@ tokens/s minilora/hf >= 1.5x and peak RSS minilora/hf <= 0.8x, per checkpointing
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import os
@@ -95,6 +96,9 @@ QLORA_STACKS = ("minilora-nf4", "hf-bnb4")
 # Stacks whose first losses must agree: same base weights (fp32, or the same NF4 bytes).
 LOSS_GROUPS = {"fp32": STACKS, "nf4": QLORA_STACKS}
 _HELD = contextlib.ExitStack()
+# Closed at exit, before interpreter teardown: left to the garbage collector then, its
+# mallopt call fails on a half-torn-down ctypes ("Exception ignored ... wrong type").
+atexit.register(_HELD.close)
 GOALS = {"tokens_per_s_ratio": 1.5, "peak_rss_ratio": 0.8}
 # Checkpointing modes: layers run again in the backward, one in N (minilora's checkpoint_every).
 CHECKPOINT_EVERY = {"on": 1, "on2": 2}

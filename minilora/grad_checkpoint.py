@@ -27,20 +27,21 @@ A re-run block's output is thrown away, so work that only feeds the output can b
 skipped: `recomputing(block)` tells a block it is the one being re-run, and
 `run_for_saved_tensors(layer, x)` runs a last projection for what it saves alone. A
 frozen nn.Linear saves only its weight, whatever the number of rows, so its product
-is taken on one row. A Llama layer is checkpointed as its two residual branches, so
-both o_proj and down_proj skip their frozen W0 x in the re-run.
+is taken on one row; for a Llama layer that skips the down projection's W0 x, a
+quarter of the frozen matmul work of the re-run (in one process, a SmolLM2 step with
+every layer checkpointed: 5.95 -> 5.81 s; every other layer: 5.13 -> 4.98 s).
 
 And what is cheaper to keep than to make again need not be made again:
 `kept_for_rerun(compute, pack, unpack)` keeps a value from the block's first run for
-its re-runs. The dropout masks are kept at one bit per element (minilora/dropout.py)
-and a Llama layer's attention output with its log-sum-exp
-(models/checkpointed_attention.py).
-
-Measured on a SmolLM2-135M LoRA step with every layer checkpointed, in one process
-(benchmarks/RESULTS.md): skipping down_proj's product 5.95 -> 5.81 s (seventh
-session); then the masks kept, the branches checkpointed apart and the attention kept,
-6.00 -> 5.57 s together (the three alone: -0.14, -0.11 and -0.17 s), for 19 + 71 + 71 MB
-more kept per step.
+its re-runs. The dropout masks use it, kept at one bit per element
+(minilora/dropout.py): 19 MB for a SmolLM2 step with every layer checkpointed, which
+then takes 5.99 -> 5.85 s in one process, for about 60 MB more peak RSS in fresh ones
+(1.30 -> 1.36 GB). Keeping the attention output too, or a second
+hidden state a layer so that o_proj's product could be skipped as well, saved another
+0.17 and 0.11 s but raised the peak by 170 and 210 MB in fresh processes, where each
+keeps 71 MB: long-lived tensors placed among the activations that each step reuses
+fragment the held heap (minilora/cpu_memory.py; copied out of the heap, the attention
+output cost its 71 MB). Not kept (benchmarks/RESULTS.md).
 
 The mechanism is what torch.utils.checkpoint(use_reentrant=False) does. Ours exists because
 that function is wrapped in torch._disable_dynamo, whose first call imports
@@ -76,11 +77,6 @@ def recomputing(fn: Callable) -> bool:
     a larger checkpointed block, whose output that block still needs."""
     running = _running()
     return bool(running) and running[-1][1] and running[-1][0].fn == fn
-
-
-def in_checkpointed_block() -> bool:
-    """Whether a checkpointed block is running on this thread (first run or re-run)."""
-    return bool(_running())
 
 
 def kept_for_rerun(compute: Callable[[], T], pack: Callable[[T], Any] = lambda v: v,
