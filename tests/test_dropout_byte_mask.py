@@ -106,14 +106,16 @@ def test_dropout_in_eval_and_at_zero_is_identity():
     assert isinstance(Dropout(0.1), torch.nn.Dropout) and Dropout(0.1).p == 0.1
 
 
-def test_random_words_are_uniform_16_bit_draws_reproduced_by_torch_seed():
-    from minilora.dropout import random_words
+def test_mask_words_are_uniform_16_bit_draws_reproduced_by_torch_seed():
+    from minilora.dropout import sfc64_words
 
     torch.manual_seed(0)
-    words = random_words(1 << 18, torch.device("cpu"))
+    keep = dropout_keep_mask((512, 1000), 0.5, torch.device("cpu"))
     torch.manual_seed(0)
-    assert torch.equal(words, random_words(1 << 18, torch.device("cpu")))  # torch's seed decides
-    assert not torch.equal(words, random_words(1 << 18, torch.device("cpu")))  # and advances
+    assert torch.equal(keep, dropout_keep_mask((512, 1000), 0.5, torch.device("cpu")))  # torch's seed decides
+    assert not torch.equal(keep, dropout_keep_mask((512, 1000), 0.5, torch.device("cpu")))  # and advances
+    words = sfc64_words(12345, 1 << 18)
+    assert torch.equal(words, sfc64_words(12345, 1 << 18)) and not torch.equal(words, sfc64_words(12346, 1 << 18))
     # Each 16-bit lane uniform: chi-square over 256 buckets of the top byte, 2^20 draws
     # (255 degrees of freedom: mean 255, sd 22.6; 400 is 6.4 sd out).
     draws = words.view(torch.int16).to(torch.int32) + 2**15
@@ -134,8 +136,8 @@ def test_checkpoint_rerun_takes_the_mask_back_instead_of_drawing_it(shape, monke
     from minilora.grad_checkpoint import checkpoint
 
     draws = []
-    real = dropout_module._sfc64_words
-    monkeypatch.setattr(dropout_module, "_sfc64_words", lambda seed, n: draws.append(n) or real(seed, n))
+    real = dropout_module.sfc64_words
+    monkeypatch.setattr(dropout_module, "sfc64_words", lambda seed, n: draws.append(n) or real(seed, n))
     ours, theirs = Dropout(0.4).train(), torch.nn.Dropout(0.3).train()
 
     def block(x):
