@@ -86,11 +86,17 @@ def dropout_keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: tor
     return kept_for_rerun(draw, pack=_pack_bits, unpack=lambda bits: _unpack_bits(bits, shape, n))
 
 
-def _pack_bits(keep: torch.Tensor) -> np.ndarray:
-    return np.packbits(keep.numpy().reshape(-1), bitorder="little")
+def _pack_bits(keep: torch.Tensor) -> tuple[np.ndarray, tuple[int, ...]]:
+    return np.packbits(keep.numpy().reshape(-1), bitorder="little"), tuple(keep.shape)
 
 
-def _unpack_bits(bits: np.ndarray, shape, n: int) -> torch.Tensor:
+def _unpack_bits(packed: tuple[np.ndarray, tuple[int, ...]], shape, n: int) -> torch.Tensor:
+    bits, kept_shape = packed
+    if kept_shape != tuple(shape):
+        # np.unpackbits would pad a short mask with zeros: a wrong mask, silently.
+        raise RuntimeError(f"gradient checkpointing: the recomputed forward asks for a {tuple(shape)} dropout mask "
+                           f"where the first run drew {kept_shape}; the checkpointed function must run the same "
+                           "ops given the same inputs")
     return torch.from_numpy(np.unpackbits(bits, count=n, bitorder="little").view(np.bool_)).view(shape)
 
 

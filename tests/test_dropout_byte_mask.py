@@ -152,3 +152,17 @@ def test_checkpoint_rerun_takes_the_mask_back_instead_of_drawing_it(shape, monke
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
     assert len(draws) == 2  # one per forward; none in the re-run
     assert (grads[0] == 0).any() and (grads[0] != 0).any()
+
+
+def test_a_rerun_that_asks_for_another_mask_shape_is_an_error():
+    from minilora.grad_checkpoint import checkpoint
+
+    runs = []
+
+    def unstable(x):
+        runs.append(1)
+        return Dropout(0.5).train()(x[: 4 if len(runs) == 1 else 3]).exp()
+
+    out = checkpoint(unstable, torch.randn(4, 8, requires_grad=True))
+    with pytest.raises(RuntimeError, match=r"\(3, 8\) dropout mask where the first run drew \(4, 8\)"):
+        out.sum().backward()
