@@ -1,7 +1,7 @@
 """examples/company_assistant: the hand-written dataset is well formed, and the example meets its goals.
 
 The default test reads only the JSONL files (milliseconds). The slow one runs the whole
-example (convert the GGUF, QLoRA training, held-out evaluation; ~10 minutes on 2 CPU
+example (convert the GGUF, QLoRA training, held-out evaluation; ~11 minutes on 2 CPU
 cores) and checks the goals of issue 6: >= 90% of held-out company questions answered
 with their key fact, >= 95% of held-out unrelated questions refused, no company
 question refused.
