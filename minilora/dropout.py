@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .grad_checkpoint import kept_for_rerun
+from .grad_checkpoint import kept_for_rerun, rerun_mismatch
 
 _LEVELS = 1 << 16
 
@@ -94,9 +94,7 @@ def _unpack_bits(packed: tuple[np.ndarray, tuple[int, ...]], shape, n: int) -> t
     bits, kept_shape = packed
     if kept_shape != tuple(shape):
         # np.unpackbits would pad a short mask with zeros: a wrong mask, silently.
-        raise RuntimeError(f"gradient checkpointing: the recomputed forward asks for a {tuple(shape)} dropout mask "
-                           f"where the first run drew {kept_shape}; the checkpointed function must run the same "
-                           "ops given the same inputs")
+        raise rerun_mismatch(f"asks for a {tuple(shape)} dropout mask where the first run drew {kept_shape}")
     return torch.from_numpy(np.unpackbits(bits, count=n, bitorder="little").view(np.bool_)).view(shape)
 
 

@@ -94,14 +94,18 @@ def kept_for_rerun(compute: Callable[[], T], pack: Callable[[T], Any] = lambda v
     block, rerun = running[-1]
     if rerun:
         if block.replayed == len(block.kept):
-            raise RuntimeError("gradient checkpointing: the recomputed forward asks for more kept values "
-                               f"than the first run kept ({len(block.kept)}); the checkpointed function must "
-                               "run the same ops given the same inputs")
+            raise rerun_mismatch(f"asks for more kept values than the first run kept ({len(block.kept)})")
         block.replayed += 1
         return unpack(block.kept[block.replayed - 1])
     value = compute()
     block.kept.append(pack(value))
     return value
+
+
+def rerun_mismatch(what: str) -> RuntimeError:
+    """The error for a re-run that did not repeat its first run: `what` it did instead."""
+    return RuntimeError(f"gradient checkpointing: the recomputed forward {what}; the checkpointed function must "
+                        "run the same ops given the same inputs")
 
 
 def frozen_linear(module: nn.Module) -> bool:
@@ -182,10 +186,8 @@ class _Block:
                     torch.autograd.graph.saved_tensors_hooks(keep, lambda _: None):
                 self.fn(*self.args)
         if len(saved) != self.count or self.replayed != len(self.kept):
-            raise RuntimeError(
-                f"gradient checkpointing: the recomputed forward saved {len(saved)} tensors and took back "
-                f"{self.replayed} kept values, the first one {self.count} and {len(self.kept)}; the checkpointed "
-                "function must run the same ops given the same inputs")
+            raise rerun_mismatch(f"saved {len(saved)} tensors and took back {self.replayed} kept values, the "
+                                 f"first one {self.count} and {len(self.kept)}")
         return saved
 
 
