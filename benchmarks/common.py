@@ -240,16 +240,29 @@ def assert_close(what: str, ours, theirs, tol: float) -> float:
 # --------------------------------------------------------------------------- bitsandbytes
 
 
+def repo_kernels_shadow(module) -> Path | None:
+    """The repository's own kernels/ folder if `module` was imported from it, else None.
+
+    Only that folder can stand in for the PyPI package `kernels`: the real package may
+    live under the repository too (in .venv/lib/.../site-packages), and is the right one.
+    """
+    ours = (ROOT / "kernels").resolve()
+    origin = getattr(module, "__file__", None)
+    if origin is None:  # a namespace package: its search path says where it came from
+        paths = [Path(p).resolve() for p in getattr(module, "__path__", [])]
+        return ours if ours in paths else None
+    return ours if Path(origin).resolve().parent == ours else None
+
+
 def import_bitsandbytes():
     """Import bitsandbytes and make sure the repository's kernels/ did not stand in for
     the PyPI package `kernels` that it tries to import (the repo root must not be on
     sys.path: run `python -m benchmarks`, whose __main__ drops it, or a script path)."""
     import bitsandbytes
 
-    shadow = sys.modules.get("kernels")
-    origin = Path(getattr(shadow, "__file__", None) or "/").resolve()
-    if shadow is not None and ROOT in origin.parents:
-        raise RuntimeError(f"bitsandbytes imported the repository's {origin.parent} as the package `kernels`: "
+    shadow = repo_kernels_shadow(sys.modules.get("kernels"))
+    if shadow is not None:
+        raise RuntimeError(f"bitsandbytes imported the repository's {shadow} as the package `kernels`: "
                            f"the repo root {ROOT} is on sys.path. Run the benchmarks as `python -m benchmarks` "
                            "or `python benchmarks/NAME.py`, not with the repo root on PYTHONPATH.")
     return bitsandbytes

@@ -108,7 +108,7 @@ def _cmd_import_gguf(args) -> int:
     from .gguf_import import import_gguf
     from .loading import resolve_dtype
 
-    out = import_gguf(args.file, args.out_dir, dtype=resolve_dtype(args.dtype))
+    out = import_gguf(args.file, args.out_dir, dtype=resolve_dtype(args.dtype), progress=True)
     print(f"wrote {out}")
     return 0
 
@@ -118,7 +118,7 @@ def _cmd_quantize(args) -> int:
     from .quantize import quantize_folder
 
     out = quantize_folder(args.in_dir, args.out_dir, blocksize=args.blocksize, double_quant=not args.no_double_quant,
-                          compute_dtype=resolve_dtype(args.compute_dtype))
+                          compute_dtype=resolve_dtype(args.compute_dtype), progress=True)
     print(f"wrote a 4-bit NF4 folder (bitsandbytes format) to {out}")
     return 0
 

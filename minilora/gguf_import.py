@@ -42,6 +42,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from .gguf import GGUFError, GGUFReader
+from .progress import Progress
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 SUPPORTED_TOKENIZER_MODELS = ("gpt2",)  # byte-level BPE; "llama" (SentencePiece) is not handled
@@ -232,7 +233,7 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def _write_safetensors(path: Path, plan: list, produce, dtype: torch.dtype) -> None:
+def _write_safetensors(path: Path, plan: list, produce, dtype: torch.dtype, progress: bool = False) -> None:
     """Stream tensors into a safetensors file: header first, then each tensor's bytes.
 
     The format is an 8-byte little-endian header length, a JSON header mapping names
@@ -249,10 +250,11 @@ def _write_safetensors(path: Path, plan: list, produce, dtype: torch.dtype) -> N
         pos += n
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # readers expect the data to start 8-byte aligned
-    with open(path, "wb") as f:
+    with open(path, "wb") as f, Progress(len(plan), "import", enabled=progress, unit="tensors") as bar:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for hf_name, shape, item in plan:
+            bar.update(1)
             t = produce(item).to(dtype)
             if tuple(t.shape) != tuple(shape):
                 raise GGUFError(f"{hf_name}: produced shape {tuple(t.shape)}, expected {shape}")
@@ -260,8 +262,11 @@ def _write_safetensors(path: Path, plan: list, produce, dtype: torch.dtype) -> N
             del t
 
 
-def import_gguf(gguf_path, out_dir, dtype: torch.dtype = torch.float32) -> Path:
-    """Convert a llama GGUF file to an HF Llama folder at `out_dir`; returns its Path."""
+def import_gguf(gguf_path, out_dir, dtype: torch.dtype = torch.float32, progress: bool = False) -> Path:
+    """Convert a llama GGUF file to an HF Llama folder at `out_dir`; returns its Path.
+
+    `progress` reports the tensors written (a bar on a terminal, a few lines elsewhere).
+    """
     if dtype not in _SAFETENSORS_DTYPE:
         raise ValueError(f"dtype {dtype} not supported; use one of {list(_SAFETENSORS_DTYPE)}")
     out = Path(out_dir)
@@ -292,7 +297,7 @@ def import_gguf(gguf_path, out_dir, dtype: torch.dtype = torch.float32) -> Path:
             return torch.from_numpy(np.ascontiguousarray(w))
 
         out.mkdir(parents=True, exist_ok=True)
-        _write_safetensors(out / "model.safetensors", plan, produce, dtype)
+        _write_safetensors(out / "model.safetensors", plan, produce, dtype, progress)
 
     def dump(name, obj):
         (out / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n",

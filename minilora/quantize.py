@@ -60,6 +60,7 @@ from torch import nn
 from .atomic import atomic_write, atomic_write_text
 from .nf4 import ALLOWED_BLOCKSIZES, NF4Weight, quantize_nf4
 from .nf4_linear import NF4Linear
+from .progress import Progress
 
 QUANTIZE_METHODS = ("nf4",)
 # The tensors bitsandbytes stores next to a 4-bit `weight` (QuantState.as_dict(packed=True)).
@@ -263,7 +264,8 @@ def _pick_task(model_type: str) -> str:
     return tasks[0]
 
 
-def quantize_folder(in_dir, out_dir, blocksize: int = 64, double_quant: bool = True, compute_dtype=None) -> Path:
+def quantize_folder(in_dir, out_dir, blocksize: int = 64, double_quant: bool = True, compute_dtype=None,
+                    progress: bool = False) -> Path:
     """Write `in_dir`'s model as a bitsandbytes NF4 folder in `out_dir`; return `out_dir`.
 
     Every linear layer of the transformer blocks is stored in 4 bits (the same bytes
@@ -274,6 +276,7 @@ def quantize_folder(in_dir, out_dir, blocksize: int = 64, double_quant: bool = T
     load_in_4bit=True, bnb_4bit_quant_type="nf4", ...), listing the linear layers
     kept in full precision in `llm_int8_skip_modules`; tokenizer and generation files
     are copied. Every file is written to a temporary name and renamed into place.
+    `progress` reports the tensors done (a bar on a terminal, a few lines elsewhere).
     """
     from .loading import _no_init, checkpoint_shards, find_model_dir, resolve_dtype
     from .models import get_config_class, get_model_class
@@ -311,9 +314,12 @@ def quantize_folder(in_dir, out_dir, blocksize: int = 64, double_quant: bool = T
     writer = SafetensorsStream(out_dir / "model.safetensors")
     seen_dtype = None
     n_quantized = 0
+    shards = checkpoint_shards(model_dir)
+    bar = Progress(sum(len(keys) for _, keys in shards), "quantize", enabled=progress, unit="tensors")
     try:
-        for file, keys in checkpoint_shards(model_dir):
+        for file, keys in shards:
             for key in keys:
+                bar.update(1)
                 with safe_open(file, framework="pt") as f:  # one short-lived mapping per tensor, as in loading
                     raw = f.get_tensor(key)
                     if raw.is_floating_point() and seen_dtype is None:
@@ -339,6 +345,7 @@ def quantize_folder(in_dir, out_dir, blocksize: int = 64, double_quant: bool = T
             raise ValueError(f"{model_dir} has no linear layer inside its transformer blocks to quantize")
         writer.finish({"format": "pt"})
     finally:
+        bar.close()
         writer.close()
 
     if compute is not None:  # the floating tensors were cast: say so where transformers looks

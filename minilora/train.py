@@ -35,13 +35,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .cpu_memory import hold_freed_memory
 from .batching import collate, make_batches, shard_batches
 from .metrics import accuracy, confusion_matrix, macro_f1, perplexity
 from .optim import AdamW
+from .progress import Progress
 from .schedule import lr_at, warmup_steps_for
 from .trainable import save_trainable, trainable_state_dict
 
@@ -130,7 +130,7 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 @torch.no_grad()
 def evaluate(model, examples, task, *, batch_size, pad_token_id, padding_side="right", num_labels=None,
-             device=torch.device("cpu"), autocast=contextlib.nullcontext) -> dict:
+             device=torch.device("cpu"), autocast=contextlib.nullcontext, progress: bool = False) -> dict:
     """Task metrics on `examples`; each process takes a share and the sums are added."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     was_training = model.training
@@ -139,13 +139,15 @@ def evaluate(model, examples, task, *, batch_size, pad_token_id, padding_side="r
     batches = make_batches([len(e["input_ids"]) for e in mine], batch_size, seed=0, epoch=0, shuffle=False)
     total = torch.zeros(2, dtype=torch.float64)  # loss sum, count
     confusion = torch.zeros(num_labels or 1, num_labels or 1, dtype=torch.long)
-    for idx in batches:
-        batch = _to(collate([mine[i] for i in idx], pad_token_id, padding_side), device)
-        with autocast():
-            loss, logits = loss_sum(model, batch, task)
-        total += torch.tensor([loss.item(), target_count(batch, task)], dtype=torch.float64)
-        if task == CLASSIFICATION:
-            confusion += confusion_matrix(logits.argmax(-1).cpu(), batch["labels"].cpu(), num_labels)
+    with Progress(len(batches), "eval", enabled=progress and rank == 0, unit="batches") as bar:
+        for idx in batches:
+            batch = _to(collate([mine[i] for i in idx], pad_token_id, padding_side), device)
+            with autocast():
+                loss, logits = loss_sum(model, batch, task)
+            total += torch.tensor([loss.item(), target_count(batch, task)], dtype=torch.float64)
+            if task == CLASSIFICATION:
+                confusion += confusion_matrix(logits.argmax(-1).cpu(), batch["labels"].cpu(), num_labels)
+            bar.update(1)
     _all_reduce(total, world)
     model.train(was_training)
     mean_loss = (total[0] / total[1].clamp(min=1)).item()
@@ -236,7 +238,8 @@ def train(model: nn.Module, train_set: list[dict], eval_set: list[dict] | None, 
         if not eval_set:
             return None
         metrics = evaluate(model, eval_set, task, batch_size=args.batch_size, pad_token_id=pad_token_id,
-                           padding_side=padding_side, num_labels=num_labels, device=device, autocast=autocast)
+                           padding_side=padding_side, num_labels=num_labels, device=device, autocast=autocast,
+                           progress=progress)
         value = metrics[best_key]
         improved = state.best_metric is None or (
             value > state.best_metric + args.early_stopping_min_delta if higher_is_better
@@ -252,7 +255,7 @@ def train(model: nn.Module, train_set: list[dict], eval_set: list[dict] | None, 
 
     # On the CPU, freed activations stay in the process for the next step (cpu_memory.py).
     with hold_freed_memory(device.type == "cpu" and getattr(args, "hold_cpu_memory", True)):
-        bar = tqdm(total=total_steps, initial=state.step, disable=not progress or rank != 0, desc="train")
+        bar = Progress(total_steps, "train", initial=state.step, enabled=progress and rank == 0, unit="steps")
         last_eval, last_eval_step, stop = None, -1, False
         tokens, t0 = 0, time.perf_counter()
         while state.step < total_steps and not stop:
@@ -291,8 +294,7 @@ def train(model: nn.Module, train_set: list[dict], eval_set: list[dict] | None, 
                 record = {"step": state.step, "epoch": state.epoch, "loss": group_loss, "lr": lr}
                 state.history.append(record)
                 elapsed = time.perf_counter() - t0
-                bar.update(1)
-                bar.set_postfix(loss=f"{group_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens * world / elapsed:,.0f}")
+                bar.update(1, loss=f"{group_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens * world / elapsed:,.0f}")
                 if state.step % args.log_every == 0 or state.step == total_steps:
                     _log(out, {**record, "tokens_per_s": tokens * world / elapsed})
 

@@ -15,3 +15,18 @@ if not torch.cuda.is_available():
 # Oracles (transformers, peft) must never reach for a hub: everything is local.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_report_header(config):
+    """The versions this run tests with: torch (pinned by the Makefile) and the oracles in the lock."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "missing"
+
+    names = ("torch", "transformers", "peft", "bitsandbytes", "huggingface_hub", "kernels", "tokenizers",
+             "safetensors", "numpy", "triton", "pytest", "hypothesis", "matplotlib")
+    return "toolchain: " + ", ".join(f"{n} {v(n)}" for n in names)

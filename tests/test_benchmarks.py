@@ -123,3 +123,24 @@ def test_bench_unpad_quick_times_both_paths_and_restores_the_model_code(bench):
     assert all(len(r["step_s_all"]) == 1 and r["step_s"] > 0 for r in record["results"])
     assert record["padded_positions"] > 2 * record["real_tokens"] > 0  # SST-2 lengths: ~2/3 padding
     assert Unpadded.__dict__["in_training"] is before
+
+
+def test_the_pypi_kernels_package_in_the_venv_is_not_taken_for_ours(bench):
+    """transformers depends on PyPI's `kernels`, installed under .venv inside the repository:
+    that one is the right package, and importing bitsandbytes beside it must pass."""
+    common = bench[0]
+    import kernels
+
+    assert Path(kernels.__file__).resolve().parent != ROOT / "kernels"
+    assert common.repo_kernels_shadow(kernels) is None
+    assert common.import_bitsandbytes() is sys.modules["bitsandbytes"]
+
+
+def test_the_repos_kernels_folder_on_sys_path_is_refused():
+    """With the repo root on sys.path our kernels/ stands in for PyPI's `kernels`: refused, clearly."""
+    code = "import kernels\nfrom benchmarks.common import import_bitsandbytes\nimport_bitsandbytes()\n"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"imported the repository's {ROOT / 'kernels'} as the package `kernels`" in proc.stderr, proc.stderr[-2000:]
+    assert "Run the benchmarks as `python -m benchmarks`" in proc.stderr

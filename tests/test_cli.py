@@ -53,6 +53,18 @@ dir = "out"
     return folder / "run.toml"
 
 
+def test_train_into_a_pipe_logs_plain_lines_not_a_redrawn_bar(run_config, tmp_path):
+    """stderr is a pipe here, as in CI or a job's log: no carriage returns, a closing line per loop."""
+    proc = run("train", run_config, "--set", f"output.dir={tmp_path / 'piped'}")
+    assert proc.returncode == 0, proc.stderr
+    assert "\r" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert any(line.startswith("train: 10/10 steps (100%)  loss ") and " lr " in line and " tok_s " in line
+               for line in lines), proc.stderr
+    assert any(line.startswith("eval: ") for line in lines), proc.stderr
+    assert len(lines) < 30 and all(len(line) < 200 for line in lines)
+
+
 def test_train_eval_merge_round_trip(run_config, tiny_bert, tmp_path):
     proc = run("train", run_config, "--no-progress")
     assert proc.returncode == 0, proc.stderr
