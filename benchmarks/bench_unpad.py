@@ -52,9 +52,9 @@ def run(quick: bool = False, n_batches: int = 12, rounds: int = 3) -> dict:
     import torch
     import transformers
 
-    from minilora.cpu_memory import hold_freed_memory
-    from minilora.inject import LoraConfig, inject
-    from minilora.loading import load_model
+    from minilora.fast.cpu_memory import hold_freed_memory
+    from minilora.lora.inject import LoraConfig, inject
+    from minilora.io.loading import load_model
     from minilora.models.unpad import Unpadded
 
     torch.manual_seed(0)

@@ -53,7 +53,7 @@ FROZEN, TRAINABLE = "nn.Linear (frozen)", "nn.Linear (trainable)"
 
 
 def make_minilora_layer(base, r: int, alpha: float):
-    from minilora.lora import LoRALinear
+    from minilora.lora.layer import LoRALinear
 
     return LoRALinear(base, r=r, alpha=alpha)
 

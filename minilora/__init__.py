@@ -3,8 +3,8 @@
 The public API is small and stable; everything not re-exported here may change.
 """
 
-from .adapters import load_adapter, save_adapter
-from .inject import (
+from .lora.adapters import load_adapter, save_adapter
+from .lora.inject import (
     LoraConfig,
     count_parameters,
     inject,
@@ -14,15 +14,15 @@ from .inject import (
     remove_lora,
     unmerge_lora,
 )
-from .named_adapters import delete_adapter, disable_adapters, mixed_batch, set_adapter
-from .generation import generate
-from .loading import load_model
-from .lora import LoRALinear
-from .nf4 import NF4Weight, quantize_nf4
-from .nf4_linear import NF4Linear
-from .prompt_tuning import PromptTuningConfig, add_prompt_tuning, load_prompt_tuning, save_prompt_tuning
-from .quantize import quantize_folder
-from .tokenizer import load_tokenizer
+from .lora.named_adapters import delete_adapter, disable_adapters, mixed_batch, set_adapter
+from .io.generation import generate
+from .io.loading import load_model
+from .lora.layer import LoRALinear
+from .qlora.nf4 import NF4Weight, quantize_nf4
+from .qlora.nf4_linear import NF4Linear
+from .lora.prompt_tuning import PromptTuningConfig, add_prompt_tuning, load_prompt_tuning, save_prompt_tuning
+from .qlora.quantize_folder import quantize_folder
+from .io.tokenizer import load_tokenizer
 
 __version__ = "0.1.0"
 

@@ -6,7 +6,7 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-from minilora.train import train
+from minilora.train.loop import train
 from toy_lm import adapter, args, lm_examples, toy_model
 
 if __name__ == "__main__":

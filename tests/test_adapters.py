@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import minilora
 from minilora import LoraConfig, inject, load_adapter, save_adapter
-from minilora.inject import lora_layers
+from minilora.lora.inject import lora_layers
 from test_lora_peft import adapted_twins, randomize_adapters
 from tiny_models import batch, tiny_bert_cls, tiny_llama
 
@@ -223,7 +223,7 @@ def test_save_is_atomic_a_failed_write_keeps_the_old_adapter(tmp_path, monkeypat
     save_adapter(model, tmp_path / "ad")
     good = load_file(tmp_path / "ad" / "adapter_model.safetensors")
 
-    import minilora.adapters as adapters
+    import minilora.lora.adapters as adapters
 
     def crash(tensors, path, metadata=None):
         with open(path, "wb") as f:

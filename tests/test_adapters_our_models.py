@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 import minilora
 from minilora import LoraConfig, inject, load_adapter, save_adapter
-from minilora.inject import lora_layers
+from minilora.lora.inject import lora_layers
 from tiny_models import batch
 
 TOL = dict(rtol=1e-5, atol=1e-5)

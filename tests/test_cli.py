@@ -139,7 +139,7 @@ def test_gpt2_merge_writes_conv1d_layout_transformers_loads(tmp_path):
     ids = torch.randint(0, 64, (2, 9))
     want = ours(input_ids=ids).logits
     minilora.remove_lora(ours, merge=True)
-    from minilora.export import save_pretrained
+    from minilora.io.export import save_pretrained
     save_pretrained(ours, tmp_path / "base", tmp_path / "merged", task="causal-lm")
     merged = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
     torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from minilora.data import read_instructions
+from minilora.train.data import read_instructions
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "company_assistant"
 REFUSAL = "I'm sorry, I can only answer questions about Veltrona Cycles."

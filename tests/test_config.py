@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from minilora.config import Config, ConfigError, config_from_dict, load_config, parse_override
+from minilora.train.config import Config, ConfigError, config_from_dict, load_config, parse_override
 
 MINIMAL = '[model]\npath = "model"\n\n[data]\ntrain_file = "train.tsv"\n'
 

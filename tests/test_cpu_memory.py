@@ -1,4 +1,4 @@
-"""hold_freed_memory (minilora/cpu_memory.py): freed memory is reused without page faults.
+"""hold_freed_memory (minilora/fast/cpu_memory.py): freed memory is reused without page faults.
 
 Each case runs in a fresh process (malloc settings are per process). The workload is
 a training step's pattern: eight 6 MB tensors alive at once, freed, allocated again.
@@ -13,7 +13,7 @@ import sys
 
 SCRIPT = r"""
 import json, resource, sys, torch
-from minilora.cpu_memory import hold_freed_memory
+from minilora.fast.cpu_memory import hold_freed_memory
 
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -56,7 +56,7 @@ def test_held_memory_is_reused_without_page_faults():
 
 
 def test_disabled_does_nothing():
-    from minilora.cpu_memory import hold_freed_memory
+    from minilora.fast.cpu_memory import hold_freed_memory
 
     with hold_freed_memory(enabled=False) as held:
         assert held is False

@@ -12,9 +12,11 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from minilora import batching, data
-from minilora.config import config_from_dict
-from minilora.tokenizer import Tokenizer, load_tokenizer
+from minilora.train import batching
+
+from minilora.train import data
+from minilora.train.config import config_from_dict
+from minilora.io.tokenizer import Tokenizer, load_tokenizer
 
 # The shared data sits beside the repository (../shared/data), wherever it is cloned.
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -395,6 +397,3 @@ def test_build_datasets_each_kind(minilm, bpe, tmp_path):
     batch = batching.collate([ds.train[i] for i in range(4)], tok.pad_token_id)
     assert batch["input_ids"].shape == (4, 64) and torch.equal(batch["labels"], batch["input_ids"])
 
-
-def test_collate_is_reachable_from_data():
-    assert data.collate is batching.collate and data.make_batches is batching.make_batches

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minilora.demo import EXAMPLES, run_demo
+from minilora.cli.demo import EXAMPLES, run_demo
 
 MINILORA = Path(sys.executable).parent / "minilora"
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
@@ -46,8 +46,8 @@ def test_demo_reaches_85_percent_in_under_5_minutes(tmp_path):
 
 def test_new_head_is_the_same_for_the_same_seed():
     # A run from a config is reproducible from its seed, new classification head included.
-    from minilora.demo import _config, find_data
-    from minilora.run import prepare
+    from minilora.cli.demo import _config, find_data
+    from minilora.train.run import prepare
 
     train, dev = find_data(SST2)
     heads = []

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minilora.nf4 import NF4_CODE_VALUES, quantize_nf4
+from minilora.qlora.nf4 import NF4_CODE_VALUES, quantize_nf4
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -81,13 +81,13 @@ def test_the_teaching_pages_link_the_lines_they_explain():
     def line_links(doc, code_file):
         return [l for l in relink_docs.find_links(DOCS / doc) if l.line and l.file == ROOT / code_file]
 
-    assert len(line_links("lora.md", "minilora/lora.py")) >= 12
-    assert len(line_links("lora.md", "minilora/inject.py")) >= 5
-    assert len(line_links("qlora.md", "minilora/nf4.py")) >= 12
-    assert len(line_links("qlora.md", "minilora/nf4_linear.py")) >= 3
+    assert len(line_links("lora.md", "minilora/lora/layer.py")) >= 12
+    assert len(line_links("lora.md", "minilora/lora/inject.py")) >= 5
+    assert len(line_links("qlora.md", "minilora/qlora/nf4.py")) >= 12
+    assert len(line_links("qlora.md", "minilora/qlora/nf4_linear.py")) >= 3
     assert len(line_links("qlora.md", "kernels/nf4_dequant.py")) >= 6
     # The equations themselves: h = W0x + s·BAx, s = α/r or α/√r, B = 0, A Kaiming, W = W0 + s·BA.
-    snippets = {l.snippet for l in line_links("lora.md", "minilora/lora.py")}
+    snippets = {l.snippet for l in line_links("lora.md", "minilora/lora/layer.py")}
     for needed in ("self.lora_B(self.lora_A(", "alpha / math.sqrt(r) if rslora else alpha / r",
                    "nn.init.zeros_(self.lora_B.weight)", "kaiming_uniform_(self.lora_A.weight",
                    "self.lora_B.weight @ self.lora_A.weight"):

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 import minilora
 from minilora import LoraConfig, disable_adapters, inject, mixed_batch, set_adapter
-from minilora.inject import get_lora_config, lora_layers
-from minilora.nf4_linear import NF4Linear
+from minilora.lora.inject import get_lora_config, lora_layers
+from minilora.qlora.nf4_linear import NF4Linear
 from test_multi_adapter import copy_adapter_into_peft, named_twins, peft_config, randomize
 from tiny_models import batch, tiny_bert_cls, tiny_llama
 

@@ -1,4 +1,4 @@
-"""Dropout and attention dropout that keep a bool mask (minilora/dropout.py,
+"""Dropout and attention dropout that keep a bool mask (minilora/fast/dropout.py,
 minilora/models/attention.py): against float64 references fed the same mask, by
 gradcheck, and by what autograd actually keeps for the backward."""
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minilora.dropout import Dropout, dropout_keep_mask, keep_scale
+from minilora.fast.dropout import Dropout, dropout_keep_mask, keep_scale
 from minilora.models.attention import attention
 
 
@@ -107,7 +107,7 @@ def test_dropout_in_eval_and_at_zero_is_identity():
 
 
 def test_mask_words_are_uniform_16_bit_draws_reproduced_by_torch_seed():
-    from minilora.dropout import sfc64_words
+    from minilora.fast.dropout import sfc64_words
 
     torch.manual_seed(0)
     keep = dropout_keep_mask((512, 1000), 0.5, torch.device("cpu"))
@@ -132,8 +132,8 @@ def test_checkpoint_rerun_takes_the_mask_back_instead_of_drawing_it(shape, monke
     # The re-run of a checkpointed block gets each mask from the first run, kept at one
     # bit per element, and still moves torch's generator on as a draw would: torch's own
     # dropout after it draws the same noise, so the gradients equal those without checkpointing.
-    import minilora.dropout as dropout_module
-    from minilora.grad_checkpoint import checkpoint
+    import minilora.fast.dropout as dropout_module
+    from minilora.models.grad_checkpoint import checkpoint
 
     draws = []
     real = dropout_module.sfc64_words
@@ -155,7 +155,7 @@ def test_checkpoint_rerun_takes_the_mask_back_instead_of_drawing_it(shape, monke
 
 
 def test_a_rerun_that_asks_for_another_mask_shape_is_an_error():
-    from minilora.grad_checkpoint import checkpoint
+    from minilora.models.grad_checkpoint import checkpoint
 
     runs = []
 

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 import minilora
+import minilora.train.batching
 from helpers_smollm import smollm2_hf_dir
-from minilora.data import IGNORE_INDEX, read_instructions
+from minilora.train.data import IGNORE_INDEX, read_instructions
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -117,17 +118,17 @@ def test_shakespeare_blocks_are_the_text_stream_cut_into_equal_rows(tokenizer):
     for part in (head, tail):
         # The oracle: the part tokenized in one call, then the eos that ends a document.
         stream = tokenizer.encode(part, add_special_tokens=False) + [eos]
-        blocks = minilora.data.pack_text(tokenizer, part, block)
+        blocks = minilora.train.data.pack_text(tokenizer, part, block)
         assert blocks.shape == (len(stream) // block, block)  # only the last partial block is dropped
         assert blocks.flatten().tolist() == stream[:blocks.numel()]
-    head_blocks = minilora.data.pack_text(tokenizer, head, block).tolist()
-    tail_blocks = minilora.data.pack_text(tokenizer, tail, block).tolist()
+    head_blocks = minilora.train.data.pack_text(tokenizer, head, block).tolist()
+    tail_blocks = minilora.train.data.pack_text(tokenizer, tail, block).tolist()
     assert train.shape == (20, block) and held.shape == (5, block)
     rows = train.tolist()
     assert all(r in head_blocks for r in rows) and len({tuple(r) for r in rows}) == 20
     assert held.tolist() == tail_blocks[:5]
     assert rows != head_blocks[:20]  # a random subset of the plays, not the first scenes
-    examples = minilora.data.text_examples(train).examples
+    examples = minilora.train.batching.text_examples(train).examples
     assert all(e["labels"] == e["input_ids"] and len(e["input_ids"]) == block for e in examples)
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import transformers
 
-from minilora.generation import filter_logits, generate, generate_ids, next_token
+from minilora.io.generation import filter_logits, generate, generate_ids, next_token
 from minilora.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from minilora.models.kv_cache import KVCache
 from minilora.models.llama import LlamaConfig, LlamaForCausalLM

@@ -19,12 +19,12 @@ from transformers.integrations.gguf import dequant as hf_dequant
 from transformers.integrations.gguf import reader as hf_reader
 
 from helpers_smollm import smollm2_gguf_path, smollm2_hf_dir
-from minilora.gguf import GGUFError, GGUFReader, dequantize
-from minilora.gguf_import import import_gguf, unpermute_qk
-from minilora.tokenizer import load_tokenizer
+from minilora.io.gguf import GGUFError, GGUFReader, dequantize
+from minilora.io.gguf_import import import_gguf, unpermute_qk
+from minilora.io.tokenizer import load_tokenizer
 
 # ---------------------------------------------------------------------------------
-# A tiny GGUF writer, independent of minilora.gguf (its own type table and layout).
+# A tiny GGUF writer, independent of minilora.io.gguf (its own type table and layout).
 
 FMT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
        10: "<Q", 11: "<q", 12: "<d"}

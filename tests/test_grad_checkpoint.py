@@ -1,4 +1,4 @@
-"""minilora.grad_checkpoint against torch.utils.checkpoint(use_reentrant=False) and
+"""minilora.models.grad_checkpoint against torch.utils.checkpoint(use_reentrant=False) and
 against no checkpointing: the same gradients (dropout included), intermediates freed
 after the forward, a second backward with retain_graph, and no torch._dynamo import."""
 
@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from minilora.dropout import Dropout
-from minilora.grad_checkpoint import checkpoint
+from minilora.fast.dropout import Dropout
+from minilora.models.grad_checkpoint import checkpoint
 
 
 class Block(torch.nn.Module):
@@ -121,7 +121,7 @@ def test_a_rerun_that_saves_other_tensors_is_an_error():
 
 
 def test_checkpointing_imports_no_dynamo():
-    script = ("import sys, torch\nfrom minilora.grad_checkpoint import checkpoint\n"
+    script = ("import sys, torch\nfrom minilora.models.grad_checkpoint import checkpoint\n"
               "x = torch.randn(4, requires_grad=True)\ncheckpoint(torch.exp, x).sum().backward()\n"
               "print('torch._dynamo' in sys.modules, 'triton' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
@@ -129,7 +129,7 @@ def test_checkpointing_imports_no_dynamo():
 
 
 def test_enable_sets_every_checkpointable_module_and_rejects_bad_frequencies():
-    from minilora.grad_checkpoint import enable
+    from minilora.models.grad_checkpoint import enable
 
     class Model(torch.nn.Module):
         def __init__(self):
@@ -149,8 +149,8 @@ def test_enable_sets_every_checkpointable_module_and_rejects_bad_frequencies():
 def test_config_checkpoints_one_layer_in_n(tmp_path):
     from tiny_models import tiny_llama
 
-    from minilora.config import config_from_dict
-    from minilora.run import _load
+    from minilora.train.config import config_from_dict
+    from minilora.train.run import _load
 
     tiny_llama().save_pretrained(tmp_path / "m")
     cfg = config_from_dict({"model": {"path": str(tmp_path / "m"), "gradient_checkpointing": True,
@@ -160,7 +160,7 @@ def test_config_checkpoints_one_layer_in_n(tmp_path):
 
 
 def test_kept_values_come_back_in_the_rerun_instead_of_being_computed():
-    from minilora.grad_checkpoint import kept_for_rerun
+    from minilora.models.grad_checkpoint import kept_for_rerun
 
     computed = []
 
@@ -183,7 +183,7 @@ def test_kept_values_come_back_in_the_rerun_instead_of_being_computed():
 
 
 def test_a_rerun_that_asks_for_other_kept_values_is_an_error():
-    from minilora.grad_checkpoint import kept_for_rerun
+    from minilora.models.grad_checkpoint import kept_for_rerun
 
     runs = []
 

@@ -15,7 +15,7 @@ import torch
 
 import minilora
 from minilora import LoraConfig, inject, set_adapter
-from minilora.batching import collate
+from minilora.train.batching import collate
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 NEGATION = {"not", "n't", "no", "never", "nothing", "nobody", "none", "neither", "nor", "without", "cannot"}

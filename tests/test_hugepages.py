@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from minilora.hugepages import HUGE_PAGE, MIN_BYTES, advise_huge_pages
-from minilora.nf4 import dequantize_nf4, quantize_nf4
+from minilora.fast.hugepages import HUGE_PAGE, MIN_BYTES, advise_huge_pages
+from minilora.qlora.nf4 import dequantize_nf4, quantize_nf4
 
 
 def _thp_mode() -> str:
@@ -39,7 +39,7 @@ def test_large_fresh_tensor_gets_huge_pages():
 import sys, torch
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from test_hugepages import _anon_huge_kb
-from minilora.hugepages import HUGE_PAGE, MIN_BYTES, empty_huge
+from minilora.fast.hugepages import HUGE_PAGE, MIN_BYTES, empty_huge
 t = empty_huge((MIN_BYTES // 4 + 12345,), dtype=torch.float32)
 assert t.shape == (MIN_BYTES // 4 + 12345,) and t.dtype == torch.float32 and t.is_contiguous()
 t.fill_(1.0)  # first touch: the faults happen now

@@ -6,8 +6,10 @@ import subprocess
 import sys
 import textwrap
 
-from minilora import cli, lean_malloc
-from minilora.lean_malloc import TUNABLES, lean_malloc_env
+from minilora.cli import commands as cli
+
+from minilora.fast import lean_malloc
+from minilora.fast.lean_malloc import TUNABLES, lean_malloc_env
 
 GLIBC = lean_malloc.glibc_version()
 
@@ -23,7 +25,7 @@ GLIBC = lean_malloc.glibc_version()
 REUSE_PROBE = textwrap.dedent("""
     import ctypes, os, sys
     import torch
-    from minilora.lean_malloc import restart_with_lean_malloc
+    from minilora.fast.lean_malloc import restart_with_lean_malloc
     if sys.argv[1] == "lean":
         restart_with_lean_malloc()
     class Info(ctypes.Structure):

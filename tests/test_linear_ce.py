@@ -8,8 +8,8 @@ import torch
 from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from minilora import linear_ce
-from minilora.linear_ce import linear_cross_entropy
+from minilora.fast import linear_ce
+from minilora.fast.linear_ce import linear_cross_entropy
 
 V, H = 50, 16  # distinct from every row count below, so a (rows, V) shape is unambiguous
 TOL = dict(rtol=1e-5, atol=1e-6)

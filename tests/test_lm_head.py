@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from minilora import LoraConfig, inject
-from minilora.named_adapters import disable_adapters
-from minilora.train import loss_sum
+from minilora.lora.named_adapters import disable_adapters
+from minilora.train.loop import loss_sum
 from test_models_llama_gpt2 import build_pair, padded_batch
 
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from minilora import models
-from minilora.loading import load_model, resolve_dtype
+from minilora.io.loading import load_model, resolve_dtype
 
 VOCAB = 99
 
@@ -287,7 +287,7 @@ def test_buffer_left_on_meta_is_an_error(tmp_path):
 
 
 def test_runtime_code_does_not_import_transformers():
-    code = ("import sys, minilora.loading, minilora.models.bert, minilora.models.distilbert; "
+    code = ("import sys, minilora.io.loading, minilora.models.bert, minilora.models.distilbert; "
             "bad = [m for m in ('transformers', 'peft', 'bitsandbytes') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,4 +1,4 @@
-"""LoRA's dropout branch (minilora/lora_dropout.py) against a float64 reference.
+"""LoRA's dropout branch (minilora/fast/lora_dropout.py) against a float64 reference.
 
 The reference is the formula of the module docstring written with plain autograd in
 float64, fed the very mask the branch drew (same seed, same draws): outputs and the
@@ -13,8 +13,8 @@ import torch
 
 import minilora
 from minilora import LoraConfig, inject
-from minilora.dropout import drop_threshold, dropout_keep_mask, keep_scale
-from minilora.lora_dropout import lora_dropout_update
+from minilora.fast.dropout import drop_threshold, dropout_keep_mask, keep_scale
+from minilora.fast.lora_dropout import lora_dropout_update
 from test_models_llama_gpt2 import build_pair, grads_without_and_with_checkpointing, padded_batch
 
 
@@ -155,7 +155,7 @@ def test_in_place_update_of_the_frozen_output_keeps_gradients_right(bias):
 def test_layers_inside_a_larger_checkpointed_block_run_in_full():
     # Only the block being re-run may skip work for its discarded output; layers inside a
     # user's checkpointed function feed the next layer there, so they must run in full.
-    from minilora.grad_checkpoint import checkpoint
+    from minilora.models.grad_checkpoint import checkpoint
 
     ours = tiny_llama_with_dropout_lora()
     ids, mask, labels = padded_batch("right")

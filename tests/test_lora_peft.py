@@ -12,7 +12,7 @@ import torch
 
 import minilora
 from minilora import LoraConfig, inject
-from minilora.inject import lora_layers
+from minilora.lora.inject import lora_layers
 from tiny_models import batch, tiny_bert_cls, tiny_llama
 
 TOL = dict(rtol=1e-6, atol=1e-6)

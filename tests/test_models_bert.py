@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 from torch import nn
 from transformers.models.distilbert.modeling_distilbert import _create_sinusoidal_embeddings
 
-from minilora.loading import load_model
+from minilora.io.loading import load_model
 from minilora.models.bert import BertConfig, BertForSequenceClassification, BertModel
 from minilora.models.distilbert import DistilBertConfig, DistilBertForSequenceClassification, sinusoidal_positions
 

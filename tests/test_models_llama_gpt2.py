@@ -13,7 +13,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from minilora.grad_checkpoint import checkpoint as real_checkpoint
+from minilora.models.grad_checkpoint import checkpoint as real_checkpoint
 from minilora.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from minilora.models.llama import LlamaConfig, LlamaForCausalLM, rope_inv_freq
 

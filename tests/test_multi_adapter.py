@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 import minilora
 from minilora import LoraConfig, delete_adapter, disable_adapters, inject, mixed_batch, set_adapter
-from minilora.inject import active_adapter, adapter_names, lora_layers, saved_modules
-from minilora.lora import LoRALinear, ModulesToSaveWrapper
+from minilora.lora.inject import active_adapter, adapter_names, lora_layers, saved_modules
+from minilora.lora.layer import LoRALinear, ModulesToSaveWrapper
 from tiny_models import batch, tiny_bert_cls, tiny_llama
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -311,7 +311,7 @@ def test_remove_lora_after_several_adapters_restores_the_base_exactly():
 
 
 def test_generate_with_adapter_names_equals_each_row_alone():
-    from minilora.generation import generate_ids
+    from minilora.io.generation import generate_ids
     from minilora.models.llama import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""minilora.nf4 against bitsandbytes (the oracle) on the CPU: bytes, scales, dequantized values.
+"""minilora.qlora.nf4 against bitsandbytes (the oracle) on the CPU: bytes, scales, dequantized values.
 
 bitsandbytes 0.50's CPU dequantize_4bit kernel (AVX-512 path, taken when the last
 dimension is even and a multiple of 16) assumes every row starts a new block and
@@ -22,7 +22,7 @@ from bitsandbytes.nn import Linear4bit, Params4bit
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minilora.nf4 import (
+from minilora.qlora.nf4 import (
     ALLOWED_BLOCKSIZES,
     NF4Weight,
     _quantize_8bit_dynamic,

@@ -12,7 +12,7 @@ import torch
 import triton
 
 from minilora.kernels.nf4_dequant import _nf4_dequant_kernel, dequantize_nf4_triton
-from minilora.nf4 import dequantize_nf4, dequantize_nf4_torch, quantize_nf4
+from minilora.qlora.nf4 import dequantize_nf4, dequantize_nf4_torch, quantize_nf4
 
 # (shape, blocksize, double_quant): 20000 values / 64 = 313 blocks -> 2 nested blocks of 256.
 CASES = [

@@ -1,4 +1,4 @@
-"""minilora.optim.AdamW against its oracle, torch.optim.AdamW: the same parameters bit
+"""minilora.fast.optim.AdamW against its oracle, torch.optim.AdamW: the same parameters bit
 for bit after every step (fused and foreach), state dicts that load both ways, and a
 CPU training run that never imports torch._dynamo or Triton (why the class exists)."""
 
@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from minilora.optim import AdamW
+from minilora.fast.optim import AdamW
 from tiny_models import save_tiny_bert_folder, write_sentiment_tsv
 
 
@@ -84,14 +84,14 @@ def test_bad_hyperparameters_name_the_value():
 
 TRAIN_SCRIPT = r"""
 import json, sys
-from minilora.batching import classification_examples
+from minilora.train.batching import classification_examples
 from minilora import LoraConfig
-from minilora.config import TrainSection
-from minilora.data import read_classification
-from minilora.inject import inject
-from minilora.loading import load_model
-from minilora.tokenizer import load_tokenizer
-from minilora.train import CLASSIFICATION, train
+from minilora.train.config import TrainSection
+from minilora.train.data import read_classification
+from minilora.lora.inject import inject
+from minilora.io.loading import load_model
+from minilora.io.tokenizer import load_tokenizer
+from minilora.train.loop import CLASSIFICATION, train
 
 folder, tsv = sys.argv[1], sys.argv[2]
 data = read_classification(tsv, "sentence", "label")

@@ -2,7 +2,7 @@
 
 import io
 
-from minilora.progress import Progress
+from minilora.io.progress import Progress
 
 
 class Terminal(io.StringIO):

@@ -18,17 +18,17 @@ import transformers
 from safetensors.torch import load_file
 
 import minilora
-from minilora.config import ConfigError, config_from_dict, load_config
-from minilora.generation import generate_ids
-from minilora.paths import resolve_model_path
-from minilora.prompt_tuning import (
+from minilora.train.config import ConfigError, config_from_dict, load_config
+from minilora.io.generation import generate_ids
+from minilora.io.paths import resolve_model_path
+from minilora.lora.prompt_tuning import (
     PromptTuningConfig,
     PromptTuningModel,
     add_prompt_tuning,
     load_prompt_tuning,
     save_prompt_tuning,
 )
-from minilora.run import run_eval, run_training
+from minilora.train.run import run_eval, run_training
 from tiny_models import batch, save_tiny_bert_folder, tiny_bert_cls, tiny_llama, write_sentiment_tsv
 
 TOL = dict(rtol=1e-5, atol=1e-5)

@@ -10,9 +10,9 @@ from peft import LoraConfig
 from peft.tuners.lora.bnb import Linear4bit as PeftLoraLinear4bit
 from torch import nn
 
-from minilora.lora import LoRALinear
-from minilora.nf4 import NF4Weight, quantize_nf4
-from minilora.nf4_linear import NF4Linear
+from minilora.lora.layer import LoRALinear
+from minilora.qlora.nf4 import NF4Weight, quantize_nf4
+from minilora.qlora.nf4_linear import NF4Linear
 
 
 def bnb_linear4bit(linear: nn.Linear, double_quant=True, blocksize=64):
@@ -214,7 +214,7 @@ def test_cuda_quantize_and_forward_match_cpu(double_quant):
 def test_count_parameters_counts_4bit_values_like_peft():
     """peft counts a Params4bit weight as its number of values; so do we."""
     import minilora
-    from minilora.nf4_linear import NF4Linear
+    from minilora.qlora.nf4_linear import NF4Linear
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(NF4Linear.from_linear(torch.nn.Linear(64, 32)), torch.nn.Linear(32, 4))

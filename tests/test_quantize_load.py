@@ -34,11 +34,12 @@ from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from minilora import LoraConfig, inject
-from minilora.loading import load_model
-from minilora.lora import LoRALinear
-from minilora.nf4 import quantize_nf4
-from minilora.nf4_linear import NF4Linear
-from minilora.quantize import nf4_module_names, quantize_folder
+from minilora.io.loading import load_model
+from minilora.lora.layer import LoRALinear
+from minilora.qlora.nf4 import quantize_nf4
+from minilora.qlora.nf4_linear import NF4Linear
+from minilora.qlora.quantize import nf4_module_names
+from minilora.qlora.quantize_folder import quantize_folder
 from helpers_smollm import smollm2_hf_dir
 from tiny_models import batch
 

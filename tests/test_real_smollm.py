@@ -14,7 +14,7 @@ import transformers
 
 import minilora
 from helpers_smollm import smollm2_hf_dir
-from minilora.generation import generate_ids
+from minilora.io.generation import generate_ids
 
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from minilora.config import load_config
-from minilora.run import run_training
+from minilora.train.config import load_config
+from minilora.train.run import run_training
 
 TOML = Path(__file__).resolve().parents[1] / "examples" / "sst2_minilm.toml"
 

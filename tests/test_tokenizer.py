@@ -1,7 +1,7 @@
-"""minilora.tokenizer against transformers' AutoTokenizer on two real tokenizers.
+"""minilora.io.tokenizer against transformers' AutoTokenizer on two real tokenizers.
 
 MiniLM (BERT WordPiece, [CLS]/[SEP] from tokenizer.json) and SmolLM2 (byte-level BPE,
-converted from the GGUF by minilora.gguf_import, ChatML chat template).
+converted from the GGUF by minilora.io.gguf_import, ChatML chat template).
 """
 
 import csv
@@ -15,7 +15,7 @@ import torch
 from transformers import AutoTokenizer
 
 from helpers_smollm import smollm2_hf_dir
-from minilora.tokenizer import Tokenizer, load_tokenizer
+from minilora.io.tokenizer import Tokenizer, load_tokenizer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data from the repo root
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-import minilora.checkpoint as checkpoint
-from minilora.schedule import lr_at
-from minilora.train import train
+import minilora.train.checkpoint as checkpoint
+from minilora.train.schedule import lr_at
+from minilora.train.loop import train
 from toy_lm import VOCAB, adapter, args, lm_examples, toy_model
 
 def reference_update(model, examples, lr):
@@ -79,7 +79,7 @@ def test_resume_gives_identical_per_step_losses(tmp_path, monkeypatch):
     assert len(losses) == 15  # 5 groups an epoch, 3 epochs
 
     # The same run, killed during step 10 (after the checkpoint of step 8)...
-    import minilora.train as train_module
+    import minilora.train.loop as train_module
 
     real_lr_at = train_module.lr_at
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from minilora.train import train
+from minilora.train.loop import train
 from toy_lm import adapter, args, lm_examples, toy_model
 
 HERE = Path(__file__).parent

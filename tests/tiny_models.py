@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from minilora.paths import resolve_model_path
+from minilora.io.paths import resolve_model_path
 
 
 def tiny_llama(seed: int = 0, **overrides) -> "transformers.LlamaForCausalLM":

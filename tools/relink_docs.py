@@ -4,7 +4,7 @@ The convention (docs/README.md states it for writers): a link to one line of cod
 has an inline code span as its whole text, and that code must appear verbatim on
 the linked line:
 
-    [`self.scaling = alpha / math.sqrt(r) if rslora else alpha / r`](../minilora/lora.py#L66)
+    [`self.scaling = alpha / math.sqrt(r) if rslora else alpha / r`](../minilora/lora/layer.py#L66)
 
 Line numbers move when the code around them changes; the snippet does not (or, if
 it does, the link should be looked at by a person). This script rewrites every

@@ -36,10 +36,10 @@ from pathlib import Path
 import torch
 
 import minilora
-from minilora.config import load_config
-from minilora.generation import generate_ids
-from minilora.gguf_import import import_gguf
-from minilora.run import run_training
+from minilora.train.config import load_config
+from minilora.io.generation import generate_ids
+from minilora.io.gguf_import import import_gguf
+from minilora.train.run import run_training
 
 HERE = Path(__file__).resolve().parent
 REFUSAL = "I'm sorry, I can only answer questions about Veltrona Cycles."

@@ -20,7 +20,7 @@ P = exp(S - ℓ), as FlashAttention does (Dao et al., 2022), and then
     dQ = dS K / sqrt(d),   dK = dS^T Q / sqrt(d)
 
 One byte per pair instead of twelve, for one extra Q K^T product in the backward. The
-mask is drawn as in `minilora.dropout`. Without dropout, off the CPU, or in 16-bit or
+mask is drawn as in `minilora.fast.dropout`. Without dropout, off the CPU, or in 16-bit or
 autocast, torch's SDPA runs (its fused kernels keep only ℓ already).
 """
 
@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..dropout import dropout_keep_mask, keep_factor, keep_scale
+from ..fast.dropout import dropout_keep_mask, keep_factor, keep_scale
 from .unpad import Unpadded
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..dropout import Dropout
+from ..fast.dropout import Dropout
 from .attention import self_attention
 from .bert import (
     EncoderOutput,

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..grad_checkpoint import checkpoint
+from .grad_checkpoint import checkpoint
 from .kv_cache import KVCache, build_attention_mask, start_forward
 from .lm_head import CausalLMOutput, causal_lm_head
 

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..grad_checkpoint import checkpoint, recomputing, run_for_saved_tensors
+from .grad_checkpoint import checkpoint, recomputing, run_for_saved_tensors
 from .kv_cache import KVCache, build_attention_mask, start_forward
 from .lm_head import CausalLMOutput, causal_lm_head
 from .rms_norm import RMSNorm

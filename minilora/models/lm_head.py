@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..linear_ce import linear_cross_entropy
+from ..fast.linear_ce import linear_cross_entropy
 
 IGNORE_INDEX = -100
 

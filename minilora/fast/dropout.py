@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .grad_checkpoint import kept_for_rerun, rerun_mismatch
+from ..models.grad_checkpoint import kept_for_rerun, rerun_mismatch
 
 _LEVELS = 1 << 16
 

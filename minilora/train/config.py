@@ -46,7 +46,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .paths import PACKAGE_SCHEME, resolve_model_path
+from ..io.paths import PACKAGE_SCHEME, resolve_model_path
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 

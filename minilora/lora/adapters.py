@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .atomic import atomic_write, atomic_write_text
+from ..io.atomic import atomic_write, atomic_write_text
 from .inject import (
     LoraConfig,
     adapter_names,
@@ -37,7 +37,7 @@ from .inject import (
     resolve_modules_to_save,
     resolve_targets,
 )
-from .lora import ModulesToSaveWrapper
+from .layer import ModulesToSaveWrapper
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

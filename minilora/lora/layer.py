@@ -47,8 +47,8 @@ import torch
 from torch import nn
 
 from .dora import DoRAMagnitude, base_weight
-from .grad_checkpoint import frozen_linear, one_row
-from .lora_dropout import lora_dropout_update
+from ..models.grad_checkpoint import frozen_linear, one_row
+from ..fast.lora_dropout import lora_dropout_update
 
 # The modules of the active adapter that sit directly on the layer.
 _MOUNTED = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector")

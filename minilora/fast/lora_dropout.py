@@ -21,7 +21,7 @@ h = c A (m ⊙ x) (r numbers per row, c = 1 / (1 - p)); the backward rebuilds m 
 and the frozen output takes the update in place: W0 x += s h B^T is one addmm_ (W0 x is a
 fresh tensor that nothing saved, so no copy of it is made).
 
-The mask is drawn as in `minilora.dropout` (16-bit uniforms; p rounded to a multiple of
+The mask is drawn as in `minilora.fast.dropout` (16-bit uniforms; p rounded to a multiple of
 2^-16, kept values scaled by the exact 1 / (1 - p_drawn)).
 
 The branch runs in the adapter's dtype with autocast off: it is r columns wide, so

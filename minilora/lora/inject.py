@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .lora import LoRALinear, ModulesToSaveWrapper
+from ..qlora.nf4_linear import NF4Linear
+from .layer import LoRALinear, ModulesToSaveWrapper
 
 # Where inject() leaves its bookkeeping on the model (plain attributes, not state):
 # {adapter name: resolved LoraConfig}, the active adapter's name, and what
@@ -124,12 +125,8 @@ class LoraConfig:
 
 
 def _linear_types() -> tuple[type, ...]:
-    """Layer types LoRA can wrap: nn.Linear, the 4-bit NF4Linear once it exists, and a
-    LoRALinear (which takes one more adapter)."""
-    try:
-        from .nf4_linear import NF4Linear
-    except ImportError:  # the NF4 module is optional for the walker
-        return (nn.Linear, LoRALinear)
+    """Layer types LoRA can wrap: nn.Linear, the 4-bit NF4Linear, and a LoRALinear
+    (which takes one more adapter)."""
     return (nn.Linear, NF4Linear, LoRALinear)
 
 
@@ -330,7 +327,7 @@ def get_lora_config(model: nn.Module, name: str | None = None) -> LoraConfig:
     """The config of adapter `name` (default: the active one)."""
     configs = getattr(model, _CONFIG_ATTR, None)
     if not configs:
-        raise ValueError("this model has no LoRA adapter; call minilora.inject(model, LoraConfig(...)) first")
+        raise ValueError("this model has no LoRA adapter; call minilora.lora.inject(model, LoraConfig(...)) first")
     name = getattr(model, _ACTIVE_ATTR) if name is None else name
     if name not in configs:
         raise _unknown_adapter(name, model)

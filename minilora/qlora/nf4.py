@@ -48,7 +48,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .hugepages import empty_huge
+from ..fast.hugepages import empty_huge
 
 NF4_CODE_VALUES = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,

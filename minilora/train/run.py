@@ -15,20 +15,20 @@ from pathlib import Path
 
 import torch
 
-from . import grad_checkpoint
-from .adapters import load_adapter, save_adapter
-from .atomic import atomic_write_text
+from ..models import grad_checkpoint
+from ..lora.adapters import load_adapter, save_adapter
+from ..io.atomic import atomic_write_text
 from .batching import build_datasets
 from .config import Config, ConfigError
-from .inject import LoraConfig, inject
-from .loading import load_model
-from .paths import resolve_model_path
-from .prompt_tuning import (PromptTuningConfig, add_prompt_tuning, is_prompt_tuning_adapter, load_prompt_tuning,
+from ..lora.inject import LoraConfig, inject
+from ..io.loading import load_model
+from ..io.paths import resolve_model_path
+from ..lora.prompt_tuning import (PromptTuningConfig, add_prompt_tuning, is_prompt_tuning_adapter, load_prompt_tuning,
                             save_prompt_tuning)
-from .prompt_tuning import parameter_table as prompt_parameter_table
-from .summary import parameter_table
-from .tokenizer import load_tokenizer
-from .train import CLASSIFICATION, evaluate, train
+from ..lora.prompt_tuning import parameter_table as prompt_parameter_table
+from ..lora.summary import parameter_table
+from ..io.tokenizer import load_tokenizer
+from .loop import CLASSIFICATION, evaluate, train
 
 _TASK_TYPES = {"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM", "embedding": "FEATURE_EXTRACTION"}
 

@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from .lean_malloc import restart_with_lean_malloc
+from ..fast.lean_malloc import restart_with_lean_malloc
 
 
 # The commands that restart with lean_malloc's tunables.
@@ -40,8 +40,8 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from .config import load_config
-    from .run import run_training
+    from ..train.config import load_config
+    from ..train.run import run_training
 
     cfg = load_config(args.config, args.set)
     run_training(cfg, progress=not args.no_progress)
@@ -49,8 +49,8 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from .config import load_config
-    from .run import run_eval
+    from ..train.config import load_config
+    from ..train.run import run_eval
 
     # stdout carries only the metrics JSON, so scripts can parse it; notes go to stderr.
     metrics = run_eval(load_config(args.config, args.set), adapter=args.adapter,
@@ -60,12 +60,12 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from .adapters import load_adapter
-    from .generation import generate
-    from .loading import load_model
-    from .tokenizer import load_tokenizer
+    from ..lora.adapters import load_adapter
+    from ..io.generation import generate
+    from ..io.loading import load_model
+    from ..io.tokenizer import load_tokenizer
 
-    from .prompt_tuning import is_prompt_tuning_adapter, load_prompt_tuning
+    from ..lora.prompt_tuning import is_prompt_tuning_adapter, load_prompt_tuning
 
     model = load_model(args.model, task="causal-lm", dtype=args.dtype)
     if args.adapter and is_prompt_tuning_adapter(args.adapter):
@@ -90,10 +90,10 @@ def _task_of_adapter(adapter_dir: str) -> str:
 
 
 def _cmd_merge(args) -> int:
-    from .adapters import load_adapter
-    from .export import save_pretrained
-    from .inject import remove_lora
-    from .loading import load_model, resolve_dtype
+    from ..lora.adapters import load_adapter
+    from ..io.export import save_pretrained
+    from ..lora.inject import remove_lora
+    from ..io.loading import load_model, resolve_dtype
 
     task = args.task or _task_of_adapter(args.adapter)
     model = load_model(args.model, task=task, num_labels=args.num_labels)
@@ -105,8 +105,8 @@ def _cmd_merge(args) -> int:
 
 
 def _cmd_import_gguf(args) -> int:
-    from .gguf_import import import_gguf
-    from .loading import resolve_dtype
+    from ..io.gguf_import import import_gguf
+    from ..io.loading import resolve_dtype
 
     out = import_gguf(args.file, args.out_dir, dtype=resolve_dtype(args.dtype), progress=True)
     print(f"wrote {out}")
@@ -114,8 +114,8 @@ def _cmd_import_gguf(args) -> int:
 
 
 def _cmd_quantize(args) -> int:
-    from .loading import resolve_dtype
-    from .quantize import quantize_folder
+    from ..io.loading import resolve_dtype
+    from ..qlora.quantize_folder import quantize_folder
 
     out = quantize_folder(args.in_dir, args.out_dir, blocksize=args.blocksize, double_quant=not args.no_double_quant,
                           compute_dtype=resolve_dtype(args.compute_dtype), progress=True)

@@ -13,9 +13,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .inject import _linear_types, shorten_per_layer
-from .loading import checkpoint_shards, find_model_dir
-from .models import get_config_class, get_model_class, supported_tasks
+from ..lora.inject import _linear_types, shorten_per_layer
+from ..io.loading import checkpoint_shards, find_model_dir
+from ..models import get_config_class, get_model_class, supported_tasks
 
 
 def describe(path) -> str:

@@ -37,8 +37,8 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from .named_adapters import mixed_batch
-from .models.kv_cache import KVCache
+from ..lora.named_adapters import mixed_batch
+from ..models.kv_cache import KVCache
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:

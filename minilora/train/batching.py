@@ -1,7 +1,7 @@
 """Datasets and batches: which examples train together, in what order, padded how.
 
 `build_datasets(config, tokenizer)` reads the files of a config's [data] section
-(through minilora.data), holds out a validation split if there is no validation file,
+(through minilora.train.data), holds out a validation split if there is no validation file,
 and tokenizes into `Examples`: lists of {"input_ids", "labels"} dicts with the lengths
 the batcher needs and counts of what truncation did.
 

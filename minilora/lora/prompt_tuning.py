@@ -343,7 +343,7 @@ def load_prompt_tuning(model: nn.Module, directory: str | os.PathLike, is_traina
 
 
 def parameter_table(model: PromptTuningModel) -> str:
-    """Where the trainable parameters are, in the layout of minilora.summary's LoRA table."""
+    """Where the trainable parameters are, in the layout of minilora.lora.summary's LoRA table."""
     rows = [(f"prompt_embeddings ({model.num_virtual_tokens} virtual tokens x {model.prompt_embeddings.shape[1]})",
              model.prompt_embeddings.numel())]
     rows += [(f"{name} (trained in full)", sum(p.numel() for p in model.base_model.get_submodule(name).parameters()))

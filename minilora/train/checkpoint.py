@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .trainable import save_trainable, trainable_state_dict
+from ..lora.trainable import save_trainable, trainable_state_dict
 
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"

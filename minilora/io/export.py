@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .atomic import atomic_write, atomic_write_text
-from .inject import lora_layers
+from ..lora.inject import lora_layers
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "chat_template.jinja", "generation_config.json")

@@ -37,13 +37,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .cpu_memory import hold_freed_memory
+from ..fast.cpu_memory import hold_freed_memory
 from .batching import collate, make_batches, shard_batches
 from .metrics import accuracy, confusion_matrix, macro_f1, perplexity
-from .optim import AdamW
-from .progress import Progress
+from ..fast.optim import AdamW
+from ..io.progress import Progress
 from .schedule import lr_at, warmup_steps_for
-from .trainable import save_trainable, trainable_state_dict
+from ..lora.trainable import save_trainable, trainable_state_dict
 
 CLASSIFICATION = "sequence-classification"
 
@@ -88,7 +88,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device) -> AdamW:
     groups = param_groups(model, weight_decay)
     if not groups:
-        raise ValueError("nothing to train: no parameter requires grad; inject LoRA (minilora.inject) first")
+        raise ValueError("nothing to train: no parameter requires grad; inject LoRA (minilora.lora.inject) first")
     # torch's fused kernel (one pass per tensor) on CPU and CUDA, its foreach ops elsewhere.
     return AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=None)
 
@@ -194,7 +194,7 @@ def train(model: nn.Module, train_set: list[dict], eval_set: list[dict] | None, 
           group_by_length: bool = True) -> dict:
     """Fine-tune the trainable parameters of `model` (its LoRA adapter) in place.
 
-    `args` carries the [train] settings (see minilora.config.TrainSection); `keep_last`
+    `args` carries the [train] settings (see minilora.train.config.TrainSection); `keep_last`
     limits how many checkpoints stay on disk; `group_by_length` batches similar
     lengths together (less padding). Returns
     {"state": TrainState, "eval": last metrics, "best": best metric, "history": per-step records}.

@@ -69,7 +69,7 @@ def find_data(data_dir=None, train_file=None, dev_file=None) -> tuple[Path, Path
 
 
 def _config(model: str, train: Path, dev: Path, out_dir: str, max_train: int | None, max_dev: int | None):
-    from .config import config_from_dict
+    from ..train.config import config_from_dict
 
     data = {**DEMO_SETTINGS["data"], "train_file": str(train), "validation_file": str(dev),
             "text_column": "sentence", "label_column": "label"}
@@ -110,11 +110,11 @@ def _show(title: str, rows, width: int) -> None:
 def run_demo(model_dir: str | None = None, data_dir=None, train_file=None, dev_file=None,
              out_dir: str = "runs/demo", max_train: int | None = None, max_dev: int | None = None,
              progress: bool = True) -> dict:
-    from .inject import inject
-    from .loading import find_model_dir
-    from .run import lora_config, prepare
-    from .summary import parameter_table
-    from .train import CLASSIFICATION, evaluate, train
+    from ..lora.inject import inject
+    from ..io.loading import find_model_dir
+    from ..train.run import lora_config, prepare
+    from ..lora.summary import parameter_table
+    from ..train.loop import CLASSIFICATION, evaluate, train
 
     start = time.perf_counter()
     model_path = model_dir or DEFAULT_MODEL
@@ -142,7 +142,7 @@ def run_demo(model_dir: str | None = None, data_dir=None, train_file=None, dev_f
     train_seconds = time.perf_counter() - t0
     acc_after = evaluate(model, data.val.examples, CLASSIFICATION, **kw)["accuracy"]
 
-    from .adapters import save_adapter
+    from ..lora.adapters import save_adapter
 
     adapter = save_adapter(model, Path(out_dir) / "adapter", base_model_name_or_path=str(model_path))
     after = predict(model, tokenizer, EXAMPLES, names)

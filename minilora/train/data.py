@@ -19,10 +19,9 @@ no padding at all, every position of every block trains, and the eos tells the m
 where one document ends and an unrelated one starts. labels = input_ids; the model
 shifts them by one internally.
 
-This module reads files and tokenizes; `minilora.batching` wraps the results as
+This module reads files and tokenizes; `minilora.train.batching` wraps the results as
 datasets (`build_datasets` does it all from a config) and turns them into padded
-batches in the order the trainer wants. Its names are also reachable from here
-(`minilora.data.collate`).
+batches in the order the trainer wants.
 """
 
 from __future__ import annotations
@@ -425,17 +424,3 @@ def pack_text(tokenizer, text: str | list[str], block_size: int, lines_per_chunk
         raise ValueError(f"the text has {len(stream)} tokens, fewer than one block of {block_size}; "
                          f"lower data.block_size or add text")
     return torch.tensor(stream[:n_blocks * block_size], dtype=torch.long).view(n_blocks, block_size)
-
-
-_FORWARDED = ("Examples", "build_datasets", "classification_examples", "chat_examples",
-              "text_examples", "collate", "make_batches", "shard_batches", "padding_fraction",
-              "train_val_split")
-
-
-def __getattr__(name):
-    # batching imports this module, so it cannot be imported here at the top; forward
-    # lazily instead, so `from minilora.data import collate` works too.
-    if name in _FORWARDED:
-        from . import batching
-        return getattr(batching, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,7 +19,7 @@ The strategy keeps peak memory near ONE copy of the weights:
 QLoRA's 4-bit base is built the same way: with quantize="nf4" each linear weight
 of the transformer blocks is quantized as it is read and its meta nn.Linear swapped
 for an NF4Linear, and a bitsandbytes 4-bit folder is read into NF4Linear layers
-directly (minilora.quantize says what stays in 16/32 bits and why).
+directly (minilora.qlora.quantize says what stays in 16/32 bits and why).
 
 We only read safetensors. A pickle file (pytorch_model.bin) can execute code
 when loaded, so we refuse it and say how to convert it.
@@ -39,10 +39,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .models import TASKS, get_config_class, get_model_class
-from .nf4 import quantize_nf4
+from ..models import TASKS, get_config_class, get_model_class
+from ..qlora.nf4 import quantize_nf4
 from .paths import resolve_model_path
-from .quantize import (bnb_quantization, bnb_weight_groups, check_quantize_args, nf4_module_names, put_nf4,
+from ..qlora.quantize import (bnb_quantization, bnb_weight_groups, check_quantize_args, nf4_module_names, put_nf4,
                        read_bnb_weight)  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def resolve_dtype(dtype) -> torch.dtype | None:
 
 
 def find_model_dir(path) -> Path:
-    """The model folder (or `pkg:NAME`, see minilora.paths), checked to hold a config.json."""
+    """The model folder (or `pkg:NAME`, see minilora.io.paths), checked to hold a config.json."""
     model_dir = resolve_model_path(path)
     if not model_dir.is_dir():
         raise FileNotFoundError(
@@ -192,7 +192,7 @@ def _fill(model, shards, expected, tied, target_dtype, device, nf4: dict | None 
     """Stream every checkpoint tensor into `model`, one at a time.
 
     nf4 (quantization): {"quantize": our weight names to quantize, "groups": bitsandbytes
-    4-bit weights in the checkpoint (see minilora.quantize), "compute_dtype",
+    4-bit weights in the checkpoint (see minilora.qlora.quantize), "compute_dtype",
     "source_dtype", "blocksize", "double_quant"}.
     Returns (our keys filled, checkpoint keys with no place, checkpoint keys the
     model dropped, the dtype the floating tensors ended up in)."""
@@ -302,7 +302,7 @@ def load_model(
     quantized to NF4 (`blocksize`, `double_quant`) as its weight is read and becomes
     an NF4Linear; embeddings, norms, biases and heads stay in `compute_dtype` (None or
     "auto": `dtype`, else the checkpoint's), which is also what the 4-bit layers
-    compute in. See minilora.quantize for what is kept and why.
+    compute in. See minilora.qlora.quantize for what is kept and why.
     A bitsandbytes NF4 folder (config.json with a 4-bit `quantization_config`) loads
     into NF4Linear layers without `quantize`; its files fix blocksize and double_quant,
     and its bnb_4bit_compute_dtype is the default compute dtype.

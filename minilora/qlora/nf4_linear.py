@@ -1,6 +1,6 @@
 """NF4Linear: a frozen linear layer whose weight is stored in 4-bit NF4 (the QLoRA base).
 
-The weight lives as an `NF4Weight` (see minilora.nf4) and is dequantized on every
+The weight lives as an `NF4Weight` (see minilora.qlora.nf4) and is dequantized on every
 forward into the compute dtype, used once by F.linear and dropped (on the CPU into
 one buffer per thread that all layers share; `release_cpu_workspace()` frees it). Backward
 dequantizes again instead of saving the full-precision weight: between the two
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minilora.nf4 import MissingStateKeyError, NF4Weight, quantize_nf4
+from minilora.qlora.nf4 import MissingStateKeyError, NF4Weight, quantize_nf4
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

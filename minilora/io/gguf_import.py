@@ -1,7 +1,7 @@
 """Convert a llama-architecture GGUF file into a Hugging Face Llama folder.
 
 The output folder is what `transformers.AutoModelForCausalLM.from_pretrained` and
-`minilora.tokenizer.load_tokenizer` read:
+`minilora.io.tokenizer.load_tokenizer` read:
 
     config.json              LlamaConfig fields, from the `llama.*` metadata
     model.safetensors        fp32 (or `dtype`) weights, HF names, (out, in) shapes

@@ -1,0 +1,1 @@
+"""Opt-in speed and memory work for the CPU, kept apart from the teaching code."""

@@ -1,0 +1,1 @@
+"""What goes in and out: model folders, tokenizers and chat, generation, GGUF, atomic writes."""
