@@ -132,6 +132,10 @@ def child(stack: str, dtype_name: str, model_dir: str) -> dict:
             return transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kwargs)
     else:
         kwargs = dict(quantize="nf4", double_quant=True, blocksize=64) if nf4 else {}
+        if nf4:  # as `minilora train` loads with fast on (the same bytes as the reference codec)
+            from minilora.fast import nf4_codec
+
+            nf4_codec.install()
 
         def load():
             return minilora.load_model(model_dir, task="causal-lm", dtype=dtype, **kwargs)

@@ -1,4 +1,4 @@
-"""NF4 quantize / dequantize throughput, and NF4Linear's forward: minilora (torch, Triton) against bitsandbytes.
+"""NF4 quantize / dequantize throughput and NF4Linear's forward: minilora (reference, fast, Triton) vs bitsandbytes.
 
     python benchmarks/bench_nf4.py [--reps 5] [--big-reps 3] [--dtypes bfloat16,float32] [--threads N]
     python -m benchmarks nf4            # through the runner (one JSON with every suite, table, PNG)
@@ -8,10 +8,13 @@ bytes / values as bitsandbytes, then timed: one warm-up call each, then `reps`
 rounds in which the stacks take turns (the order rotates every round) so that a
 noisy neighbour or a thermal drift hits all of them alike. Reported: the median
 time, the throughput in GB/s of bytes read + written, and ms per million values.
+The minilora stacks are the plain reference codec (minilora.qlora.nf4) and the fast
+CPU codec (minilora.fast.nf4_codec), timed in the same rounds; a second table gives
+fast against reference, the speed the fast codec has to earn its place with.
 
-Then one layer's forward: minilora's NF4Linear against bitsandbytes' Linear4bit over
-the very same quantized bytes (4096 x 4096 with bias, eval mode, no grad), for 1 token
-and 256 tokens, compute dtype = input dtype. On a CPU with AVX512-BF16 bitsandbytes
+Then one layer's forward: minilora's NF4Linear (on the fast codec) against
+bitsandbytes' Linear4bit over the very same quantized bytes (4096 x 4096 with bias,
+eval mode, no grad), for 1 token and 256 tokens, compute dtype = input dtype. On a CPU with AVX512-BF16 bitsandbytes
 repacks the weight on its first eval forward and runs a fused 4-bit kernel in bf16
 (also for fp32 inputs); minilora dequantizes into a reused buffer and calls F.linear.
 Outputs are checked to agree within 2e-2 of their largest value (bf16 rounding) before
@@ -64,7 +67,9 @@ import bitsandbytes.functional as bnbF  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from minilora.qlora.nf4 import NF4Weight, dequantize_nf4_torch, quantize_nf4  # noqa: E402
+from minilora.fast import nf4_codec  # noqa: E402
+from minilora.qlora import nf4  # noqa: E402
+from minilora.qlora.nf4 import NF4Weight, quantize_nf4  # noqa: E402
 from minilora.qlora.nf4_linear import NF4Linear  # noqa: E402
 
 try:
@@ -92,6 +97,17 @@ def to_bnb(w: NF4Weight):
     return sd["w"], qs
 
 
+CODECS = {"minilora-reference": nf4.REFERENCE, "minilora-fast": nf4_codec.CODEC}
+
+
+def quantize_with(codec, w, double_quant) -> NF4Weight:
+    previous = nf4.use_codec(codec)
+    try:
+        return quantize_nf4(w, 64, double_quant)
+    finally:
+        nf4.use_codec(previous)
+
+
 def check_quantize(ours: NF4Weight, packed, state, strict: bool) -> bool:
     same = torch.equal(ours.packed, packed.view(-1)) and torch.equal(ours.absmax, state.absmax)
     if ours.double_quant:
@@ -110,30 +126,27 @@ def time_round_robin(stacks: dict, reps: int, device) -> dict:
 def bench_shape(shape, dtype, reps, device, double_quant) -> list[dict]:
     n = shape[0] * shape[1]
     w = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.02).to(dtype).to(device)
-    ours = quantize_nf4(w, 64, double_quant)
     packed, state = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
-    identical = check_quantize(ours, packed, state, strict=device.type == "cpu")
+    identical = {name: check_quantize(quantize_with(codec, w, double_quant), packed, state, device.type == "cpu")
+                 for name, codec in CODECS.items()}  # fmt: skip
+    ours = quantize_with(nf4.REFERENCE, w, double_quant)
     rows = []
     q_bytes = n * w.element_size() + ours.nbytes
-    times = time_round_robin(
-        {
-            "minilora-torch": lambda: quantize_nf4(w, 64, double_quant),
-            "bitsandbytes": lambda: bnbF.quantize_4bit(
-                w, blocksize=64, quant_type="nf4", compress_statistics=double_quant
-            ),
-        },
-        reps,
-        device,
-    )
-    rows += [dict(op="quantize", stack=k, seconds=v, bytes=q_bytes, identical_to_bnb=identical)
+    stacks = {name: (lambda c=codec: quantize_with(c, w, double_quant)) for name, codec in CODECS.items()}
+    stacks["bitsandbytes"] = lambda: bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4",
+                                                        compress_statistics=double_quant)  # fmt: skip
+    times = time_round_robin(stacks, reps, device)
+    rows += [dict(op="quantize", stack=k, seconds=v, bytes=q_bytes, identical_to_bnb=identical.get(k, True))
              for k, v in times.items()]  # fmt: skip
 
     # Dequantize the very same bytes in every stack, so the outputs must agree bit for bit.
     b_packed, b_state = to_bnb(ours)
     want = bnbF.dequantize_4bit(b_packed, b_state)
-    stacks = {"minilora-torch": lambda: dequantize_nf4_torch(ours, dtype)}
     out = torch.empty(shape, dtype=dtype, device=device)
-    stacks["minilora-torch (out=)"] = lambda: dequantize_nf4_torch(ours, dtype, out=out)
+    stacks = {}
+    for name, codec in CODECS.items():  # the codecs' own decoders, also on CUDA (where nf4 would pick Triton)
+        stacks[name] = lambda c=codec: c.dequantize(ours, dtype)
+        stacks[f"{name} (out=)"] = lambda c=codec: c.dequantize(ours, dtype, out=out)
     if device.type == "cuda" and triton is not None:
         stacks["minilora-triton"] = lambda: dequantize_nf4_triton(ours, dtype)
         stacks["minilora-triton (out=)"] = lambda: dequantize_nf4_triton(ours, dtype, out=out)
@@ -151,6 +164,25 @@ def bench_shape(shape, dtype, reps, device, double_quant) -> list[dict]:
     return rows
 
 
+def fast_vs_reference(rows) -> list[dict]:
+    """One row per (op, shape, dtype, fresh or out=): the fast codec's median against the reference's."""
+    ms = {(r["op"], tuple(r["shape"]), r["dtype"], r["stack"]): r["seconds"] * 1e3 for r in rows}
+    pairs = []
+    for (op, shape, dtype, stack), ref_ms in ms.items():
+        if not stack.startswith("minilora-reference"):
+            continue
+        suffix = stack.removeprefix("minilora-reference")
+        fast_ms = ms[(op, shape, dtype, "minilora-fast" + suffix)]
+        pairs.append(dict(op=op, shape=list(shape), dtype=dtype, output="into out=" if suffix else "fresh",
+                          reference_ms=ref_ms, fast_ms=fast_ms, speedup=ref_ms / fast_ms))  # fmt: skip
+    return pairs
+
+
+FAST_COLUMNS = [("op", "op", "s"), ("shape_s", "shape", "s"), ("dtype", "dtype", "s"), ("output", "output", "s"),
+                ("reference_ms", "reference ms", ".1f"), ("fast_ms", "fast ms", ".1f"),
+                ("speedup", "fast × reference speed", ".2f")]  # fmt: skip
+
+
 def bnb_linear4bit(weight: torch.Tensor, bias: torch.Tensor, double_quant: bool):
     """bitsandbytes' Linear4bit holding `weight` in NF4 (it quantizes when moved to a device)."""
     out_features, in_features = weight.shape
@@ -163,7 +195,16 @@ def bnb_linear4bit(weight: torch.Tensor, bias: torch.Tensor, double_quant: bool)
 
 
 def bench_linear(shape, dtype, tokens, reps, device, double_quant) -> list[dict]:
-    """NF4Linear vs Linear4bit forward over the same bytes (eval, no grad): checked, then timed."""
+    """NF4Linear (on the fast codec, as `minilora train` runs it) vs Linear4bit forward over the
+    same bytes (eval, no grad): checked, then timed."""
+    previous = nf4.use_codec(nf4_codec.CODEC)
+    try:
+        return _bench_linear(shape, dtype, tokens, reps, device, double_quant)
+    finally:
+        nf4.use_codec(previous)
+
+
+def _bench_linear(shape, dtype, tokens, reps, device, double_quant) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     weight = (torch.randn(shape, generator=g) * 0.02).to(dtype).to(device)
     bias = (torch.randn(shape[0], generator=g) * 0.02).to(dtype).to(device)
@@ -223,6 +264,7 @@ def run(reps=5, big_reps=3, dtypes=("bfloat16", "float32"), device=None, shapes=
                      "linear_tokens": list(linear_tokens), "linear_tolerance": LINEAR_TOL},
         "wall_seconds": round(time.time() - t_start, 1),
         "results": rows,
+        "fast_vs_reference": fast_vs_reference(rows),
         "linear": linear_rows,
     }
 
@@ -236,6 +278,9 @@ def main(argv=None) -> dict:
                  linear=not args.no_linear)
     record["command"] = command_line()
     print_table(record["results"])
+    print()
+    common.print_table([{**r, "shape_s": "x".join(map(str, r["shape"]))} for r in record["fast_vs_reference"]],
+                       FAST_COLUMNS)
     if record["linear"]:
         print()
         print_linear_table(record["linear"])
@@ -252,14 +297,14 @@ def command_line() -> str:
 
 
 def print_table(rows):
-    header = f"{'op':<11}{'shape':<12}{'dtype':<10}{'stack':<24}{'median ms':>10}{'GB/s':>8}{'ms/1M':>8}{'vs bnb':>8}"
+    header = f"{'op':<11}{'shape':<12}{'dtype':<10}{'stack':<27}{'median ms':>10}{'GB/s':>8}{'ms/1M':>8}{'vs bnb':>8}"
     print(header + "\n" + "-" * len(header))
     base = {(r["op"], tuple(r["shape"]), r["dtype"]): r["seconds"] for r in rows if r["stack"] == "bitsandbytes"}
     for r in rows:
         shape = "x".join(map(str, r["shape"]))
         speedup = base[(r["op"], tuple(r["shape"]), r["dtype"])] / r["seconds"]
         print(
-            f"{r['op']:<11}{shape:<12}{r['dtype']:<10}{r['stack']:<24}{r['seconds'] * 1e3:>10.1f}"
+            f"{r['op']:<11}{shape:<12}{r['dtype']:<10}{r['stack']:<27}{r['seconds'] * 1e3:>10.1f}"
             f"{r['gb_per_s']:>8.2f}{r['ms_per_million']:>8.2f}{speedup:>7.2f}x"
         )
 
@@ -283,6 +328,11 @@ def markdown(record: dict) -> str:
                                           ("gb_per_s", "GB/s", ".2f"), ("speedup_vs_bnb", "× bnb speed", ".2f")])]
     parts.append("Quantized bytes and dequantized values checked identical to bitsandbytes' before timing; "
                  "GB/s = bytes read + written / median time.")
+    if record.get("fast_vs_reference"):
+        fast = [{**r, "shape_s": "x".join(map(str, r["shape"]))} for r in record["fast_vs_reference"]]
+        parts.append(common.markdown_table(fast, FAST_COLUMNS))
+        parts.append("The fast CPU codec (minilora/fast/nf4_codec.py) against the reference (minilora/qlora/nf4.py), "
+                     "timed in the same interleaved rounds; both give bitsandbytes' bytes.")
     if record.get("linear"):
         shape = "x".join(map(str, record["settings"]["linear_shape"]))
         parts.append(common.markdown_table([{**r, "ms": r["seconds"] * 1e3} for r in record["linear"]],

@@ -20,7 +20,7 @@ ids shows whether they agree).
   after training is that of the last step, as for the Trainer. minilora batches with
   dynamic padding and, as the toml says (data.group_by_length, on by default), length
   grouping; in training our BERT runs its projections on the real tokens only
-  (minilora/models/unpad.py), so its padding costs attention work alone.
+  (minilora/fast/unpad.py), so its padding costs attention work alone.
 - hf: AutoModelForSequenceClassification + peft get_peft_model(LoraConfig(SEQ_CLS)) +
   Trainer(TrainingArguments as in the toml, eval/save "no", use_cpu, no workers) with
   DataCollatorWithPadding (dynamic padding, random batches), AutoTokenizer with

@@ -113,7 +113,9 @@ LOSS_TOLERANCE = 1e-4
 def _minilora_setup(job: dict, checkpointing: str, nf4: bool = False):
     import torch
 
-    from minilora.lora.inject import LoraConfig, inject
+    import minilora.fast
+    from minilora.lora.config import LoraConfig
+    from minilora.lora.inject import inject
     from minilora.io.loading import load_model
     from minilora.fast.cpu_memory import hold_freed_memory
     from minilora.models.grad_checkpoint import enable
@@ -127,6 +129,7 @@ def _minilora_setup(job: dict, checkpointing: str, nf4: bool = False):
     torch.manual_seed(SEED)
     inject(model, LoraConfig(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"],
                              target_modules=LORA["target_modules"], task_type="CAUSAL_LM"))
+    minilora.fast.enable(model)  # as train() does
     if checkpointing != "off":
         enable(model, every=CHECKPOINT_EVERY[checkpointing])
     model.train()

@@ -10,10 +10,12 @@ random SST-2 training sentences (../shared/data/sst2/train.tsv), each row as lon
 sentence's words + 2 (capped at 64; random ids), padded to the batch's longest: about
 two thirds padding, as for the Trainer's random batches in bench_train_cls.py.
 
-How. The same batches run with minilora's training path (models/unpad.py: every step
-but attention on the real tokens) and with it switched off (the padded layout
-throughout, as in evaluation), alternating rounds in one process after a warm-up round;
-the table shows the median seconds per step over the timed rounds. JSON goes to
+How. The model is on minilora's fast path (minilora.fast.enable, as the trainer does).
+The same batches run with the real-token encoder (minilora/fast/unpad.py: every step
+but attention on the real tokens) and with the plain DistilBertModel class in its place
+(the padded layout throughout, as in evaluation; every other fast piece stays),
+alternating rounds in one process after a warm-up round; the table shows the median
+seconds per step over the timed rounds. JSON goes to
 benchmarks/results/unpad-<host>-<date>.json.
 """
 
@@ -52,10 +54,13 @@ def run(quick: bool = False, n_batches: int = 12, rounds: int = 3) -> dict:
     import torch
     import transformers
 
+    import minilora.fast
+    from minilora.fast import unpad
     from minilora.fast.cpu_memory import hold_freed_memory
-    from minilora.lora.inject import LoraConfig, inject
     from minilora.io.loading import load_model
-    from minilora.models.unpad import Unpadded
+    from minilora.lora.config import LoraConfig
+    from minilora.lora.inject import inject
+    from minilora.models.distilbert import DistilBertModel
 
     torch.manual_seed(0)
     size = dict(dim=64, hidden_dim=128, n_layers=2, n_heads=4) if quick else {}
@@ -65,17 +70,19 @@ def run(quick: bool = False, n_batches: int = 12, rounds: int = 3) -> dict:
         model = load_model(folder, task="sequence-classification")
     inject(model, LoraConfig(r=8, alpha=16, dropout=0.1, target_modules=["q_lin", "v_lin"],
                              modules_to_save=["pre_classifier", "classifier"]))
+    minilora.fast.enable(model)
+    unpad.install(model)  # enable has done it (0 changes); the toggle below relies on it
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     batches = make_batches(2 if quick else n_batches, 32, config.vocab_size)
 
-    real_in_training = Unpadded.__dict__["in_training"]  # the classmethod itself, restored below
-    padded_only = classmethod(lambda cls, attention_mask, training: None)
+    # The encoder's class decides the layout; its attention modules take either.
+    encoder_class = {"padded": DistilBertModel, "real tokens": unpad.RealTokenDistilBertModel}
     times = {"padded": [], "real tokens": []}
     with hold_freed_memory():
         for r in range(1 + (1 if quick else rounds)):  # round 0 warms up
             for mode in times:
-                Unpadded.in_training = real_in_training if mode == "real tokens" else padded_only
+                model.distilbert.__class__ = encoder_class[mode]
                 t0 = time.perf_counter()
                 for ids, mask, labels in batches:
                     model(ids, attention_mask=mask, labels=labels).loss.backward()
@@ -83,7 +90,6 @@ def run(quick: bool = False, n_batches: int = 12, rounds: int = 3) -> dict:
                     optimizer.zero_grad(set_to_none=True)
                 if r:
                     times[mode].append((time.perf_counter() - t0) / len(batches))
-    Unpadded.in_training = real_in_training
     tokens = sum(int(m.sum()) for _, m, _ in batches)
     positions = sum(m.numel() for _, m, _ in batches)
     rows = [{"path": mode, "step_s": statistics.median(t), "step_s_all": t} for mode, t in times.items()]

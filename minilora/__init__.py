@@ -3,9 +3,12 @@
 The public API is small and stable; everything not re-exported here may change.
 """
 
+from .io.generation import generate
+from .io.loading import load_model
+from .io.tokenizer import load_tokenizer
 from .lora.adapters import load_adapter, save_adapter
+from .lora.config import LoraConfig
 from .lora.inject import (
-    LoraConfig,
     count_parameters,
     inject,
     lora_state_dict,
@@ -14,15 +17,22 @@ from .lora.inject import (
     remove_lora,
     unmerge_lora,
 )
-from .lora.named_adapters import delete_adapter, disable_adapters, mixed_batch, set_adapter
-from .io.generation import generate
-from .io.loading import load_model
 from .lora.layer import LoRALinear
+from .lora.named_adapters import (
+    delete_adapter,
+    disable_adapters,
+    mixed_batch,
+    set_adapter,
+)
+from .lora.prompt_tuning import (
+    PromptTuningConfig,
+    add_prompt_tuning,
+    load_prompt_tuning,
+    save_prompt_tuning,
+)
 from .qlora.nf4 import NF4Weight, quantize_nf4
 from .qlora.nf4_linear import NF4Linear
-from .lora.prompt_tuning import PromptTuningConfig, add_prompt_tuning, load_prompt_tuning, save_prompt_tuning
 from .qlora.quantize_folder import quantize_folder
-from .io.tokenizer import load_tokenizer
 
 __version__ = "0.1.0"
 

@@ -30,3 +30,17 @@ def pytest_report_header(config):
     names = ("torch", "transformers", "peft", "bitsandbytes", "huggingface_hub", "kernels", "tokenizers",
              "safetensors", "numpy", "triton", "pytest", "hypothesis", "matplotlib")
     return "toolchain: " + ", ".join(f"{n} {v(n)}" for n in names)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _reference_nf4_codec():
+    """Each test starts on the reference NF4 codec: fast.enable switches it for the whole
+    process (the same bytes), and a test must not depend on the order tests ran in."""
+    from minilora.qlora import nf4
+
+    nf4.use_codec(None)
+    yield
+    nf4.use_codec(None)

@@ -115,7 +115,7 @@ def test_unknown_suite_is_an_error_that_lists_the_suites(bench, capsys):
 
 def test_bench_unpad_quick_times_both_paths_and_restores_the_model_code(bench):
     from benchmarks import bench_unpad
-    from minilora.models.unpad import Unpadded
+    from minilora.fast.unpad import Unpadded
 
     before = Unpadded.__dict__["in_training"]
     record = bench_unpad.run(quick=True)
@@ -144,3 +144,27 @@ def test_the_repos_kernels_folder_on_sys_path_is_refused():
     assert proc.returncode != 0
     assert f"imported the repository's {ROOT / 'kernels'} as the package `kernels`" in proc.stderr, proc.stderr[-2000:]
     assert "Run the benchmarks as `python -m benchmarks`" in proc.stderr
+
+
+def test_bench_fast_times_every_piece_against_the_plain_path(tmp_path):
+    """benchmarks/bench_fast.py --quick: a plain, a fast and a fast-without row for every
+    piece that changes the model, the children for AdamW and lean malloc, and a JSON."""
+    import minilora.fast
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_fast
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    out = tmp_path / "fast.json"
+    record = bench_fast.main(["--quick", "--repeats", "1", "--out", str(out)])
+    assert json.loads(out.read_text())["rows"] == record["rows"]
+    configs = {(row["case"], row["config"]) for row in record["rows"]}
+    for case in ("LM step, checkpointing off", "LM step, checkpointing on", "encoder step"):
+        assert {(case, "plain"), (case, "fast")} <= configs
+    without = {config.removeprefix("fast without ") for _, config in configs if config.startswith("fast without ")}
+    assert set(minilora.fast.PIECES) | {"hold_cpu_memory"} <= without | {"nf4_codec"}
+    assert all(row["step_s"] > 0 for row in record["rows"])
+    children = {(c["kind"], c["variant"]): c for c in record["children"]}
+    assert set(children) == {(k, v) for k in ("adamw", "lean_malloc") for v in ("plain", "fast")}
+    assert children[("adamw", "plain")]["dynamo_imported"] and not children[("adamw", "fast")]["dynamo_imported"]

@@ -82,7 +82,8 @@ def test_the_teaching_pages_link_the_lines_they_explain():
         return [l for l in relink_docs.find_links(DOCS / doc) if l.line and l.file == ROOT / code_file]
 
     assert len(line_links("lora.md", "minilora/lora/layer.py")) >= 12
-    assert len(line_links("lora.md", "minilora/lora/inject.py")) >= 5
+    # The walker, its target rules and LoraConfig's defaults (one file before the split).
+    assert sum(len(line_links("lora.md", f"minilora/lora/{f}.py")) for f in ("inject", "targets", "config")) >= 5
     assert len(line_links("qlora.md", "minilora/qlora/nf4.py")) >= 12
     assert len(line_links("qlora.md", "minilora/qlora/nf4_linear.py")) >= 3
     assert len(line_links("qlora.md", "kernels/nf4_dequant.py")) >= 6
@@ -188,3 +189,14 @@ def test_check_link_rejects_bad_targets(tmp_path):
     assert results[4] is None
     assert "no heading with the anchor #no-such-heading" in results[5]
     assert results[6] is None and results[7] is None
+
+
+def test_reading_order_gives_each_file_its_real_size():
+    text = (DOCS / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Reading order", 1)[1].split("\n## ", 1)[0]
+    entries = re.findall(r"\[`([^`]+)`\]\(\.\./\1\), (\d+) lines:", section)
+    assert [path.split("/")[1] for path, _ in entries][:3] == ["lora", "lora", "lora"]
+    assert {path.split("/")[1] for path, _ in entries} >= {"lora", "qlora", "train", "models"}
+    for path, stated in entries:
+        actual = len((ROOT / path).read_text(encoding="utf-8").splitlines())
+        assert int(stated) == actual, f"docs/README.md says {path} has {stated} lines; it has {actual}: update it"

@@ -1,5 +1,5 @@
 """Dropout and attention dropout that keep a bool mask (minilora/fast/dropout.py,
-minilora/models/attention.py): against float64 references fed the same mask, by
+minilora/fast/attention.py): against float64 references fed the same mask, by
 gradcheck, and by what autograd actually keeps for the backward."""
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from minilora.fast.dropout import Dropout, dropout_keep_mask, keep_scale
-from minilora.models.attention import attention
+from minilora.fast.attention import attention
 
 
 def _same_mask(shape, p, seed):

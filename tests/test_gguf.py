@@ -300,7 +300,8 @@ def byte_alphabet():
     return [mapping[b] for b in range(256)]
 
 
-def tiny_llama(tmp_path, arch="llama", extra_tensor=None, with_output=True, extra_kvs=()):
+def tiny_llama(tmp_path, arch="llama", extra_tensor=None, with_output=True, extra_kvs=(), norm_type=0):
+    """A tiny llama GGUF; `norm_type` is output_norm's GGML type (0: F32; 30, BF16, is not decodable)."""
     rng = np.random.default_rng(1)
     hidden, ffn, heads, kv, layers = 64, 96, 4, 2, 2
     tokens = ["<s>", "</s>"] + byte_alphabet() + ["Ġt", "Ġth"]
@@ -320,7 +321,7 @@ def tiny_llama(tmp_path, arch="llama", extra_tensor=None, with_output=True, extr
         return rng.standard_normal(int(np.prod(dims))).astype(np.float32).tobytes()
 
     tensors = [("token_embd.weight", (hidden, len(tokens)), 0, f32(hidden, len(tokens))),
-               ("output_norm.weight", (hidden,), 0, f32(hidden))]
+               ("output_norm.weight", (hidden,), norm_type, f32(hidden) if norm_type == 0 else bytes(2 * hidden))]
     if with_output:
         tensors.append(("output.weight", (hidden, len(tokens)), 8,
                         random_blocks(rng, 8, hidden * len(tokens) // 32)))

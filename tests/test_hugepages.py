@@ -1,5 +1,5 @@
-"""Fresh dequantization outputs are backed by huge pages (fewer page faults), and are
-otherwise ordinary tensors."""
+"""Fresh dequantization outputs of the fast NF4 codec are backed by huge pages (fewer
+page faults), and are otherwise ordinary tensors."""
 
 import subprocess
 import sys
@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
+from minilora.fast import nf4_codec
 from minilora.fast.hugepages import HUGE_PAGE, MIN_BYTES, advise_huge_pages
-from minilora.qlora.nf4 import dequantize_nf4, quantize_nf4
+from minilora.qlora.nf4 import dequantize_nf4_torch, quantize_nf4
 
 
 def _thp_mode() -> str:
@@ -59,7 +60,7 @@ def test_fresh_and_reused_dequantization_agree():
     torch.manual_seed(0)
     w = torch.randn(1024, 4099)  # 16 MiB of fp32: large enough to be advised, with a partial block
     q = quantize_nf4(w)
-    fresh = dequantize_nf4(q, torch.float32)
-    reused = dequantize_nf4(q, torch.float32, out=torch.full_like(w, float("nan")))
+    fresh = nf4_codec.dequantize(q, torch.float32)  # advised onto huge pages
+    reused = nf4_codec.dequantize(q, torch.float32, out=torch.full_like(w, float("nan")))
     assert fresh.shape == w.shape and fresh.untyped_storage().nbytes() == w.numel() * 4
-    assert torch.equal(fresh, reused)
+    assert torch.equal(fresh, reused) and torch.equal(fresh, dequantize_nf4_torch(q, torch.float32))

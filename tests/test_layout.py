@@ -33,7 +33,9 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = here[:len(here) - node.level + 1] if node.level else []
             mod = ".".join(base + ([node.module] if node.module else []))
-            targets = [mod] + [f"{mod}.{a.name}" for a in node.names]
+            # `from pkg import sub` depends on the submodule; `from pkg import name` on pkg itself.
+            subs = [f"{mod}.{a.name}" for a in node.names if f"{mod}.{a.name}" in known]
+            targets = subs + ([mod] if len(subs) < len(node.names) else [])
         else:
             continue
         for t in targets:
@@ -101,3 +103,25 @@ def test_no_import_cycles_anywhere():
 def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+TEACHING = ("minilora.lora", "minilora.qlora", "minilora.models", "minilora.io")
+
+
+def test_teaching_code_imports_neither_the_fast_path_nor_the_trainer():
+    graph = import_graph()
+    offenders = sorted(f"{mod} -> {dep}" for mod, deps in graph.items() if mod.startswith(TEACHING)
+                       for dep in deps if dep.startswith(("minilora.fast", "minilora.train")))
+    assert not offenders, offenders
+
+
+def test_the_public_api_does_not_import_the_fast_path():
+    assert not any(dep.startswith("minilora.fast") for dep in import_graph()["minilora"])
+
+
+def test_the_layer_a_reader_came_for_fits_in_250_lines():
+    import minilora
+
+    path = Path(minilora.LoRALinear.__module__.replace(".", "/") + ".py")
+    assert path == Path("minilora/lora/layer.py")
+    assert len((ROOT / path).read_text().splitlines()) <= 250

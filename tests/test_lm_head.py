@@ -1,9 +1,11 @@
-"""The loss-only forward of our causal LMs (models/lm_head.py) against the logits path
-and transformers: same loss, same gradients, no logits built."""
+"""The loss-only forward of our causal LMs on the fast path (minilora/fast/linear_ce.py)
+against the plain logits path (models/lm_head.py) and transformers: same loss, same
+gradients, no logits built."""
 
 import pytest
 import torch
 
+import minilora.fast
 from minilora import LoraConfig, inject
 from minilora.lora.named_adapters import disable_adapters
 from minilora.train.loop import loss_sum
@@ -18,6 +20,7 @@ def _grads(model):
 def test_loss_only_forward_matches_logits_path_and_transformers(case):
     hf, ours = build_pair(case)
     inject(ours, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    minilora.fast.enable(ours)
     for name, p in ours.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
@@ -49,6 +52,7 @@ def test_loss_only_forward_matches_logits_path_and_transformers(case):
 def test_trainer_loss_uses_the_loss_only_forward():
     _, ours = build_pair("llama_gqa")
     inject(ours, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    minilora.fast.enable(ours)
     ids, mask, labels = padded_batch("right")
     total, logits = loss_sum(ours, {"input_ids": ids, "attention_mask": mask, "labels": labels}, "causal-lm")
     assert logits is None
@@ -58,6 +62,7 @@ def test_trainer_loss_uses_the_loss_only_forward():
 def test_adapted_head_takes_the_logits_path():
     _, ours = build_pair("llama_gqa")
     inject(ours, LoraConfig(r=4, alpha=8, target_modules=["lm_head"]))
+    minilora.fast.enable(ours)
     ids, mask, labels = padded_batch("right")
     out = ours(ids, attention_mask=mask, labels=labels, return_logits=False)
     assert out.logits is not None  # LoRA on lm_head: the head is not a plain nn.Linear

@@ -1,4 +1,4 @@
-"""LoRA's dropout branch (minilora/fast/lora_dropout.py) against a float64 reference.
+"""LoRA's dropout branch on the fast path (minilora/fast/lora_dropout.py) against a float64 reference.
 
 The reference is the formula of the module docstring written with plain autograd in
 float64, fed the very mask the branch drew (same seed, same draws): outputs and the
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import minilora
+import minilora.fast
 from minilora import LoraConfig, inject
 from minilora.fast.dropout import drop_threshold, dropout_keep_mask, keep_scale
 from minilora.fast.lora_dropout import lora_dropout_update
@@ -64,11 +65,27 @@ def test_mask_drop_rate_and_scale_keep_the_input_unbiased():
     assert not torch.equal(keep, dropout_keep_mask((2000, 500), p, torch.device("cpu")))
 
 
-def test_layer_uses_the_branch_in_training_and_plain_path_in_eval():
+def test_plain_layer_is_pefts_formula_with_torchs_dropout():
     torch.manual_seed(0)
     linear = torch.nn.Linear(16, 8)
     layer = minilora.LoRALinear(linear, r=4, alpha=4, dropout=0.5)
     torch.nn.init.normal_(layer.lora_B.weight)
+    layer.train()
+    x = torch.randn(5, 16)
+    torch.manual_seed(123)
+    got = layer(x)
+    torch.manual_seed(123)
+    want = linear(x) + layer.lora_B(layer.lora_A(torch.nn.functional.dropout(x, 0.5))) * layer.scaling
+    assert torch.equal(got, want)
+
+
+def test_fast_layer_uses_the_branch_in_training_and_plain_path_in_eval():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 8)
+    layer = minilora.LoRALinear(linear, r=4, alpha=4, dropout=0.5)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    assert minilora.fast.enable(layer, ["lora_dropout"]) == {"lora_dropout": 1}
+    assert minilora.fast.enable(layer, ["lora_dropout"]) == {"lora_dropout": 0}  # installed once
     layer.train()
     x = torch.randn(5, 16)
     torch.manual_seed(123)
@@ -82,10 +99,13 @@ def test_layer_uses_the_branch_in_training_and_plain_path_in_eval():
     torch.testing.assert_close(layer(x), linear(x) + layer.lora_B(layer.lora_A(x)) * layer.scaling)
 
 
-def test_bf16_base_keeps_fp32_adapter_gradients():
+@pytest.mark.parametrize("fast", [False, True])
+def test_bf16_base_keeps_fp32_adapter_gradients(fast):
     torch.manual_seed(0)
     linear = torch.nn.Linear(16, 8).to(torch.bfloat16)
     layer = minilora.LoRALinear(linear, r=4, alpha=8, dropout=0.1)
+    if fast:
+        minilora.fast.enable(layer, ["lora_dropout"])
     torch.nn.init.normal_(layer.lora_B.weight)
     layer.train()
     x = torch.randn(3, 16, dtype=torch.bfloat16, requires_grad=True)
@@ -100,6 +120,7 @@ def tiny_llama_with_dropout_lora(targets="all-linear"):
     """The tiny GQA Llama with dropout-0.3 adapters whose B is not zero, in train mode."""
     _, ours = build_pair("llama_gqa")
     inject(ours, LoraConfig(r=4, alpha=8, dropout=0.3, target_modules=targets))
+    minilora.fast.enable(ours)
     for name, p in ours.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)

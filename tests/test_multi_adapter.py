@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 import minilora
 from minilora import LoraConfig, delete_adapter, disable_adapters, inject, mixed_batch, set_adapter
 from minilora.lora.inject import active_adapter, adapter_names, lora_layers, saved_modules
-from minilora.lora.layer import LoRALinear, ModulesToSaveWrapper
+from minilora.lora.layer import LoRALinear
+from minilora.lora.modules_to_save import ModulesToSaveWrapper
 from tiny_models import batch, tiny_bert_cls, tiny_llama
 
 TOL = dict(rtol=1e-5, atol=1e-5)

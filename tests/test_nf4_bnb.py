@@ -9,6 +9,9 @@ to equal and what its odd-shape fallback runs. (The same kernel also hands a 1-D
 weight back as shape (1, n), compared after a reshape; and dequantize_4bit
 transposes or rejects a weight of at most two values, whose single packed byte it
 mistakes for a legacy transposed layout: those use the generic path only.)
+
+Every test runs twice: under the reference codec (minilora.qlora.nf4) and under the
+fast CPU codec (minilora.fast.nf4_codec); both must give bitsandbytes' bytes.
 """
 
 import json
@@ -19,22 +22,34 @@ import pytest
 import torch
 from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 from bitsandbytes.nn import Linear4bit, Params4bit
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from minilora.fast import nf4_codec
+from minilora.qlora import nf4
 from minilora.qlora.nf4 import (
     ALLOWED_BLOCKSIZES,
     NF4Weight,
     _quantize_8bit_dynamic,
     dequantize_nf4,
     dynamic_map_signed,
+    nearest_nf4,
     nf4_code,
+    nf4_midpoints,
     quantize_nf4,
 )
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The generic path without the torch.compile wrapper bitsandbytes puts around it.
 _bnb_generic_dequant = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)
+
+
+@pytest.fixture(autouse=True, params=["reference", "fast"])
+def codec(request):
+    """Run the test with quantize_nf4 / dequantize_nf4 on this codec."""
+    previous = nf4.use_codec(nf4_codec.CODEC if request.param == "fast" else None)
+    yield request.param
+    nf4.use_codec(previous)
 
 
 def bnb_quantize(w, blocksize, double_quant):
@@ -103,7 +118,7 @@ def test_every_blocksize(blocksize):
     assert_matches_bnb(w, blocksize, double_quant=True)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     shape=st.lists(st.integers(1, 40), min_size=1, max_size=3).filter(lambda s: int(np.prod(s)) <= 6000),
     seed=st.integers(0, 2**31 - 1),
@@ -151,6 +166,25 @@ def test_ties_halfway_between_codes_go_to_the_lower_code():
     assert torch.equal((first & 15).long(), torch.arange(15)), "a midpoint must take the lower code"
 
 
+def test_nearest_code_is_the_argmin_but_at_six_rounded_up_midpoints():
+    # QLoRA's rule, argmin_j |s - code_j| (ties to the first, the lower code), against
+    # bitsandbytes' float32 midpoints: they disagree only on a midpoint that rounding put
+    # above the true one, where bitsandbytes takes the lower code and argmin the upper.
+    code, mids = nf4_code(), nf4_midpoints()
+    near = torch.cat([torch.nextafter(mids, torch.tensor(d)) for d in (-2.0, 2.0)])
+    s = torch.cat([torch.rand(100_000, generator=torch.Generator().manual_seed(0)) * 2 - 1, code, mids, near])
+    argmin = (s[:, None] - code).abs().argmin(dim=1)
+    ours = nearest_nf4(s).long()
+    differ = ours != argmin
+    exact = (code[:-1].double() + code[1:].double()) / 2
+    rounded_up = mids[mids.double() > exact]
+    assert rounded_up.numel() == 6
+    assert torch.equal(s[differ].sort().values, rounded_up) and torch.equal(ours[differ], argmin[differ] - 1)
+    w = torch.zeros(64)
+    w[0], w[1:7] = 1.0, rounded_up  # absmax 1: each takes the lower code, as bitsandbytes does
+    assert_matches_bnb(w, 64, double_quant=False)
+
+
 def test_plus_minus_absmax_and_exact_codes():
     code = nf4_code()
     w = torch.empty(4, 64)
@@ -177,7 +211,7 @@ def test_nested_8bit_quantizer_matches_bnb_on_a_dense_grid():
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_one_thread_and_several_decode_the_same_bits(threads):
-    # One thread gathers from the 1-D table; more split the blocks between threads.
+    # The fast codec: one thread gathers from the 1-D table; more split the blocks between threads.
     # 700 x 1000 values: two 262,144-value chunks, a shorter third and a partial block.
     w = torch.randn(700, 1001, generator=torch.Generator().manual_seed(3))
     saved = torch.get_num_threads()

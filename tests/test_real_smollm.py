@@ -5,7 +5,8 @@ Tiny random models (test_models_llama_gpt2.py) cover the maths; this file shows 
 whole "own model" path holds on a real checkpoint: GGUF import -> HF folder ->
 minilora.load_model -> logits, loss and the tokens a chat prompt generates.
 Both models are loaded once per module, in fp32, so the whole file stays well
-under a minute on two CPU cores.
+under a minute on two CPU cores. The last test loads ours once more, on the fast path
+(minilora.fast.enable), and holds it to the plain one.
 """
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 import transformers
 
 import minilora
+import minilora.fast
 from helpers_smollm import smollm2_hf_dir
 from minilora.io.generation import generate_ids
 
@@ -116,3 +118,20 @@ def test_greedy_chat_answer_matches_transformers_and_says_paris(ours, hf, tokeni
     text = minilora.generate(ours, tokenizer, prompt, max_new_tokens=20)
     assert "Paris" in text
     assert tokenizer.decode(got[0, ids.shape[1]:], skip_special_tokens=False).startswith(text + "<|im_end|>")
+
+
+def test_fast_path_gives_the_same_logits_and_loss(folder, ours, tokenizer):
+    # Evaluation logits bit for bit (the fast pieces' forwards are the plain ops); the
+    # loss-only forward, which never builds the logits, to fp32 rounding.
+    fast = minilora.load_model(folder, task="causal-lm", dtype="float32")
+    assert sum(minilora.fast.enable(fast).values()) > 0
+    enc = chat_batch(tokenizer, "right")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    labels = ids.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        want = ours(ids, attention_mask=mask, labels=labels)
+        got = fast(ids, attention_mask=mask, labels=labels)
+        loss_only = fast(ids, attention_mask=mask, labels=labels, return_logits=False)
+    assert torch.equal(got.logits, want.logits) and torch.equal(got.loss, want.loss)
+    assert loss_only.logits is None
+    assert abs(loss_only.loss.item() - want.loss.item()) < 1e-5 * want.loss.item()

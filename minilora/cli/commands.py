@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from ..fast.lean_malloc import restart_with_lean_malloc
-
+from ..train.config import TrainingDiverged
 
 # The commands that restart with lean_malloc's tunables.
 TRAINING_COMMANDS = frozenset({"train", "demo"})
@@ -60,11 +60,10 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from ..lora.adapters import load_adapter
     from ..io.generation import generate
     from ..io.loading import load_model
     from ..io.tokenizer import load_tokenizer
-
+    from ..lora.adapters import load_adapter
     from ..lora.prompt_tuning import is_prompt_tuning_adapter, load_prompt_tuning
 
     model = load_model(args.model, task="causal-lm", dtype=args.dtype)
@@ -90,10 +89,10 @@ def _task_of_adapter(adapter_dir: str) -> str:
 
 
 def _cmd_merge(args) -> int:
-    from ..lora.adapters import load_adapter
     from ..io.export import save_pretrained
-    from ..lora.inject import remove_lora
     from ..io.loading import load_model, resolve_dtype
+    from ..lora.adapters import load_adapter
+    from ..lora.inject import remove_lora
 
     task = args.task or _task_of_adapter(args.adapter)
     model = load_model(args.model, task=task, num_labels=args.num_labels)
@@ -114,9 +113,11 @@ def _cmd_import_gguf(args) -> int:
 
 
 def _cmd_quantize(args) -> int:
+    from ..fast import nf4_codec
     from ..io.loading import resolve_dtype
     from ..qlora.quantize_folder import quantize_folder
 
+    nf4_codec.install()  # the CPU codec: the same bytes as the reference, several times faster
     out = quantize_folder(args.in_dir, args.out_dir, blocksize=args.blocksize, double_quant=not args.no_double_quant,
                           compute_dtype=resolve_dtype(args.compute_dtype), progress=True)
     print(f"wrote a 4-bit NF4 folder (bitsandbytes format) to {out}")
@@ -209,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if as_program and args.command in TRAINING_COMMANDS:
         # Malloc tunables only take at start-up, so this runs the command again in a
-        # process that has them (lean_malloc.py: 40% less peak memory in a training run
-        # measured here). It costs a second start-up, ~2 s: worth it only for training.
+        # process that has them (fast/lean_malloc.py). It costs a second start-up: worth
+        # it only for training.
         restart_with_lean_malloc()
     try:
         return args.func(args)
@@ -221,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"minilora {args.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
               file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        if args.debug:
+            raise
+        print(f"minilora {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -110,11 +110,11 @@ def _show(title: str, rows, width: int) -> None:
 def run_demo(model_dir: str | None = None, data_dir=None, train_file=None, dev_file=None,
              out_dir: str = "runs/demo", max_train: int | None = None, max_dev: int | None = None,
              progress: bool = True) -> dict:
-    from ..lora.inject import inject
     from ..io.loading import find_model_dir
-    from ..train.run import lora_config, prepare
+    from ..lora.inject import inject
     from ..lora.summary import parameter_table
     from ..train.loop import CLASSIFICATION, evaluate, train
+    from ..train.run import lora_config, prepare
 
     start = time.perf_counter()
     model_path = model_dir or DEFAULT_MODEL

@@ -10,11 +10,11 @@ import json
 from collections import Counter
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from ..lora.inject import _linear_types, shorten_per_layer
 from ..io.loading import checkpoint_shards, find_model_dir
+from ..io.safetensors_files import open_safetensors
+from ..lora.targets import _linear_types, shorten_per_layer
 from ..models import get_config_class, get_model_class, supported_tasks
 
 
@@ -30,7 +30,7 @@ def describe(path) -> str:
     shards = checkpoint_shards(model_dir)
     dtypes: Counter = Counter()
     for file, keys in shards:
-        with safe_open(file, framework="pt") as f:
+        with open_safetensors(file) as f:
             for key in keys:
                 dtypes[str(f.get_slice(key).get_dtype())] += 1
     linear = [n for n, m in model.named_modules() if isinstance(m, _linear_types())]

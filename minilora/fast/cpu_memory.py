@@ -7,15 +7,13 @@ the threshold starts at 128 KiB and follows the largest block freed so far (up t
 32 MiB), and the heap's free top goes back to the kernel once it is larger than
 M_TRIM_THRESHOLD (twice the mmap threshold). Either way the memory leaves the
 process, and the next step's first write to each 4 KiB page traps into the kernel,
-which zeroes it. Measured on the SmolLM2 step: an elementwise multiply over a 6.3 MB
-MLP activation took 6 ms, several times its arithmetic; those faults were about a
-quarter of the step.
+which zeroes it: an elementwise op over a fresh MLP activation then costs several
+times its arithmetic (benchmarks/RESULTS.md, "Moved from docstrings").
 
 `hold_freed_memory()` fixes M_MMAP_THRESHOLD at its 32 MiB maximum and raises
 M_TRIM_THRESHOLD, so freed blocks stay in the heap and the next step reuses them
 without a fault. Peak RSS does not grow: the heap's high-water mark was reached
-anyway (measured: the same peak, 12% less time per SmolLM2 step; neutral on the
-small SST-2 encoder). On exit the trim threshold is put back and the heap trimmed,
+anyway (the measurement is in benchmarks/RESULTS.md). On exit the trim threshold is put back and the heap trimmed,
 so the memory is returned after training. Setting a threshold turns off glibc's
 dynamic adjustment for the rest of the process; 32 MiB is where it would end up.
 

@@ -6,37 +6,40 @@ Dropout (Srivastava et al., 2014) with inverted scaling, as torch and transforme
 
 On CPU, torch's `F.dropout` multiplies by a float noise tensor and autograd keeps that
 tensor: 4 bytes per element until the backward. A BERT layer has two such dropouts
-on its hidden states and one on its attention probabilities; for all-MiniLM-L6-v2 at
-a batch of 32 x 64 tokens that is about 110 MB of masks. Here the mask is kept as
-bool, one byte per element.
+on its hidden states and one on its attention probabilities (fast/attention.py). Here
+the mask is kept as bool, one byte per element.
 
-Applying the mask: torch's CPU kernels read a bool tensor element by element, so
-`x.masked_fill(~keep, 0)`, `torch.where` and `x * keep` take 0.20-0.35 ms for one
-1024 x 576 fp32 tensor here, while the same bytes read as uint8 (`keep.view(torch.uint8)`,
-no copy) go through the vectorised arithmetic path: `x * keep_u8` takes 0.06 ms.
-`apply_keep` does that; a LoRA step on SmolLM2 applies a mask 630 times.
+Applying the mask: torch's CPU kernels read a bool tensor element by element (for
+`x.masked_fill(~keep, 0)`, `torch.where` and `x * keep`), while the same bytes read as
+uint8 (`keep.view(torch.uint8)`, no copy) go through the vectorised arithmetic path.
+`apply_keep` does that.
 
 Drawing the mask: torch's `bernoulli_` spends one 32-bit draw per element on a single
 thread. We draw 64-bit words and read each as four 16-bit uniforms, so the drop
 probability is p rounded to a multiple of 2^-16 (0.1 becomes 0.0999908) and the
 kept values are scaled by the exact 1 / (1 - p_drawn), which keeps y unbiased.
 
-Where the words come from: on CPU torch's generator (mt19937) makes 147,456 words in
-0.48 ms on one thread; numpy's SFC64 (Doty-Humphrey's Small Fast Chaotic generator,
-which passes TestU01's BigCrush and PractRand) makes them in 0.25 ms, so each CPU mask
-is drawn by an SFC64 seeded with one 63-bit draw from torch's default generator.
-`torch.manual_seed` still reproduces every mask. The comparison with the threshold
-runs in numpy too (see dropout_keep_mask). Other devices draw the words with torch's
-generator for that device.
+Where the words come from: on CPU numpy's SFC64 (Doty-Humphrey's Small Fast Chaotic
+generator, which passes TestU01's BigCrush and PractRand) makes them faster than
+torch's mt19937, so each CPU mask is drawn by an SFC64 seeded with one 63-bit draw from
+torch's default generator. `torch.manual_seed` still reproduces every mask, but the
+masks are not the ones torch's dropout draws. The comparison with the threshold runs in
+numpy too (see dropout_keep_mask). Other devices draw the words with torch's generator
+for that device.
 
 Under gradient checkpointing a CPU mask is not drawn twice: the block's first run keeps
 it packed to one bit per element (grad_checkpoint.kept_for_rerun; 1/8 of the bool
-mask) and the re-run unpacks it, 0.05 ms against 0.34 ms to draw a 1024 x 576 mask. The
-re-run still takes the seed from torch's generator, so any other random op in the block
+mask) and the re-run unpacks it, which is cheaper than drawing it again. The re-run
+still takes the seed from torch's generator, so any other random op in the block
 draws what it drew the first time.
 
 On CUDA, torch's dropout is already one fused kernel with a bool mask, and
-`Dropout` leaves it to torch.
+`Dropout` leaves it to torch. The timings behind these choices are in
+benchmarks/RESULTS.md.
+
+As a fast piece, `install` gives the hidden-state dropouts of our BERT and DistilBERT
+(embeddings, sub-layer exits, classifier heads) this class; GPT-2's dropouts and LoRA's
+stay as they are (fast/lora_layer.py has LoRA's own).
 """
 
 from __future__ import annotations
@@ -45,7 +48,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..models.bert import BertEmbeddings, BertForSequenceClassification, BertSelfOutput
+from ..models.distilbert import FFN, DistilBertForSequenceClassification, Embeddings
 from ..models.grad_checkpoint import kept_for_rerun, rerun_mismatch
+from .swap import swap_class
 
 _LEVELS = 1 << 16
 
@@ -78,7 +84,7 @@ def dropout_keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: tor
     def draw() -> torch.Tensor:
         draws = sfc64_words(seed, words).view(torch.int16)[:n]
         # numpy's comparison is vectorised; torch's CPU kernel writes bool one element at a
-        # time (0.024 against 0.137 ms for 589,824 draws here). Both views share memory.
+        # time. Both views share memory.
         return torch.from_numpy(draws.numpy() >= threshold).view(shape)
 
     # A checkpointed block's re-run takes the mask back from its first run, kept at one
@@ -145,3 +151,13 @@ class Dropout(nn.Dropout):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dropout(x, self.p, self.training)
+
+
+# The modules whose `dropout` child is swapped (BertOutput is a BertSelfOutput).
+_OWNERS = (BertEmbeddings, BertSelfOutput, BertForSequenceClassification, Embeddings, FFN,
+           DistilBertForSequenceClassification)
+
+
+def install(model: nn.Module) -> int:
+    """The nn.Dropout modules of every BERT / DistilBERT in `model` keep a bool mask."""
+    return sum(swap_class(m.dropout, nn.Dropout, Dropout) for m in model.modules() if isinstance(m, _OWNERS))

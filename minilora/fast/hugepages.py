@@ -2,9 +2,7 @@
 
 A fresh tensor's memory is mapped lazily: the first write to each 4 KiB page traps
 into the kernel, which zeroes the page. For a 64 MiB output that is 16,384 faults,
-and measured here they cost about three times the NF4 dequantization itself
-(dequantizing 4096 x 4096 into a reused fp32 buffer takes ~11 ms; the same into a
-fresh tensor ~41 ms, and `torch.empty(...).fill_(1)` alone ~30 ms).
+which can cost more than the NF4 decoding that fills the tensor.
 
 `madvise(MADV_HUGEPAGE)` asks the kernel to back the range with 2 MiB pages: 512
 times fewer faults, and one zeroing pass per 2 MiB. It only advises: where
@@ -12,6 +10,11 @@ transparent huge pages are off (`/sys/kernel/mm/transparent_hugepage/enabled` is
 `never`), on other systems, or if the call fails, the tensor is an ordinary one.
 The tensor itself is a plain `torch.empty`; only the 2 MiB-aligned interior of its
 allocation is advised, so nothing about its storage, size or lifetime changes.
+
+Used by the fast NF4 codec (minilora.fast.nf4_codec) for fresh dequantization
+outputs; the reference in minilora.qlora.nf4 allocates plain tensors. Whether the
+advice wins depends on how the machine backs its memory (a 2 MiB fault is sometimes
+far slower than 512 small ones): benchmarks/RESULTS.md has the measurements.
 """
 
 from __future__ import annotations

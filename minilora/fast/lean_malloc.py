@@ -14,14 +14,9 @@ new memory from the top of the heap while the holes of the last round sit unused
 With `glibc.malloc.tcache_count=0` and `glibc.malloc.mxfast=0` a sliver goes to the
 ordinary bins, which merge free neighbours, and a freed tensor's memory fits the next
 request of its size. Both are needed: with one alone the slivers still land in the
-other, and whether the holes get reused changed from run to run. Measured here
-(glibc 2.36; the first row is tests/test_lean_malloc.py, 10 runs each):
-
-    50 x (6 MB tensor, a small tensor kept, the 6 MB one freed)   heap +300 MB -> +6 MB
-    SmolLM2-135M LoRA step, gradient checkpointing on, peak RSS   2046 MB -> 1246 MB
-                                                     (live memory at the peak: ~920 MB)
-
-and the step takes as long as before: training allocates few small blocks from C.
+other, and whether the holes get reused changed from run to run. tests/test_lean_malloc.py
+shows the heap growth with and without; benchmarks/RESULTS.md has the peak RSS of a
+SmolLM2 step both ways, at the same speed: training allocates few small blocks from C.
 
 Tunables are read once, when a process starts (mallopt has no switch for the tcache),
 so the `minilora` command restarts itself once with them added to GLIBC_TUNABLES:

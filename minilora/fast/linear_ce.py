@@ -33,19 +33,28 @@ forward skips them when nothing asks for a gradient (torch.no_grad(), evaluation
 
 Rows labelled `ignore_index` are dropped before the lm_head matmul, so padding and
 prompt tokens cost no lm-head FLOPs at all; their gradient is zero.
+
+As a fast piece, `install` gives our causal LMs a `head` that takes this path when the
+caller asks for the loss only (`labels=..., return_logits=False`, as the trainer does)
+and the head is a plain nn.Linear. An adapted head (LoRA on lm_head, a trainable copy in
+modules_to_save) and every other call take the plain head (models/lm_head.py).
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
+
+from ..models.gpt2 import GPT2LMHeadModel
+from ..models.llama import LlamaForCausalLM
+from ..models.lm_head import IGNORE_INDEX, next_token_labels
+from .swap import swap_class
 
 # Logits per chunk when the caller gives no chunk_size: 2^25 fp32 numbers, 128 MB (682
 # rows of SmolLM2's or GPT-2's vocabulary, 261 of Llama 3's). Each chunk streams the
 # whole head weight through the cache twice (logits, then dL/dh), so fewer, larger
-# chunks are faster: SmolLM2's 759 answer rows take 609 ms in two chunks, 640 ms in
-# three of 256 rows.
+# chunks are faster (benchmarks/RESULTS.md).
 CHUNK_LOGITS = 1 << 25
 
 
@@ -136,8 +145,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             y = targets[start : start + chunk_size]
             # Logits in the matmul's dtype, log-softmax in fp32: what
             # F.cross_entropy(logits.float(), ...) would see. torch's fused log_softmax
-            # is one kernel; logsumexp, then z - lse, is five passes over the chunk
-            # (33 ms against 24 for 256 rows of SmolLM2's 49,152 logits here).
+            # is one kernel; logsumexp, then z - lse, is five passes over the chunk.
             log_p = torch.log_softmax(F.linear(h, weight, bias).float(), dim=1)
             loss -= log_p.gather(1, y[:, None]).sum()
             if not (want_hidden or want_weight or want_bias):
@@ -172,3 +180,34 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if grad_bias is not None:
             grad_bias = grad_bias * grad_loss
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+class FusedLossHead:
+    """A causal LM's `head` that computes the loss without the logits when it may."""
+
+    lm_head: nn.Module
+
+    def head(self, hidden: Tensor, labels: Tensor | None, return_logits: bool = True):
+        if labels is None or return_logits or type(self.lm_head) is not nn.Linear:
+            return super().head(hidden, labels, return_logits)
+        targets = next_token_labels(labels.to(hidden.device))
+        count = (targets != IGNORE_INDEX).sum()
+        loss_sum = linear_cross_entropy(hidden, self.lm_head.weight, targets, bias=self.lm_head.bias,
+                                        ignore_index=IGNORE_INDEX)  # fmt: skip
+        return None, loss_sum / count, loss_sum
+
+
+class FusedLossLlamaForCausalLM(FusedLossHead, LlamaForCausalLM):
+    pass
+
+
+class FusedLossGPT2LMHeadModel(FusedLossHead, GPT2LMHeadModel):
+    pass
+
+
+_FUSED = {LlamaForCausalLM: FusedLossLlamaForCausalLM, GPT2LMHeadModel: FusedLossGPT2LMHeadModel}
+
+
+def install(model: nn.Module) -> int:
+    """Our causal LMs in `model` compute a loss-only forward without the logits."""
+    return sum(swap_class(m, cls, _FUSED[cls]) for m in model.modules() if (cls := type(m)) in _FUSED)

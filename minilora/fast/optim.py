@@ -13,8 +13,8 @@ parameters after each step are bit-identical to torch.optim.AdamW(fused=True) or
 
 Why not torch.optim.AdamW itself: building any torch.optim.Optimizer runs a method
 wrapped by torch._disable_dynamo, whose first call imports torch._dynamo, and that
-imports Triton. In a CPU training run that is ~140 MB of resident memory (and a
-second of start-up) for a compiler the run never uses: a tenth of the SST-2 run's peak.
+imports Triton: resident memory and start-up time, in a CPU training run, for a
+compiler the run never uses (benchmarks/RESULTS.md has the figures).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-
 
 # What torch.optim.AdamW's groups also hold: a state dict of ours loaded into it runs
 # the same update (its defaults would switch fused off on CPU).

@@ -15,6 +15,19 @@ import tempfile
 from pathlib import Path
 
 
+def umask() -> int:
+    """The process's umask (read by setting it and putting it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_default_mode(path: str | os.PathLike) -> None:
+    """The mode a plain open() or mkdir() would have given `path` (mkstemp and mkdtemp
+    make them private, 0600 and 0700, which would keep a shared run folder unreadable)."""
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask())
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike):
     """Yield a temporary path to write to; on success it replaces `path` atomically.
@@ -28,6 +41,7 @@ def atomic_write(path: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
+        give_default_mode(tmp)  # after the writer: some (safetensors) create the file anew
         # Flush the data before the rename, or a power cut could leave the new
         # name pointing at an empty file.
         with open(tmp, "rb+") as f:

@@ -17,8 +17,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .atomic import atomic_write, atomic_write_text
 from ..lora.inject import lora_layers
+from .atomic import atomic_write, atomic_write_text
+from .loading import find_model_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "chat_template.jinja", "generation_config.json")
@@ -52,9 +53,9 @@ def export_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dic
 def save_pretrained(model: nn.Module, base_dir: str | Path, out_dir: str | Path, task: str,
                     label_names: list[str] | None = None, dtype: torch.dtype | None = None) -> Path:
     """Write `model` as an HF folder next to a copy of `base_dir`'s config and tokenizer."""
-    base_dir, out_dir = Path(base_dir), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    base_dir, out_dir = find_model_dir(base_dir), Path(out_dir)
     config = json.loads((base_dir / "config.json").read_text())
+    out_dir.mkdir(parents=True, exist_ok=True)
     arch = _ARCHITECTURES.get((config.get("model_type"), task))
     if arch:
         config["architectures"] = [arch]

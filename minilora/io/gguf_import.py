@@ -39,8 +39,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    Tokenizer,
+    decoders,
+    models,
+    pre_tokenizers,
+    processors,
+)
 
+from .atomic import atomic_write, atomic_write_text
 from .gguf import GGUFError, GGUFReader
 from .progress import Progress
 
@@ -250,7 +258,8 @@ def _write_safetensors(path: Path, plan: list, produce, dtype: torch.dtype, prog
         pos += n
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # readers expect the data to start 8-byte aligned
-    with open(path, "wb") as f, Progress(len(plan), "import", enabled=progress, unit="tensors") as bar:
+    with atomic_write(path) as tmp, open(tmp, "wb") as f, \
+            Progress(len(plan), "import", enabled=progress, unit="tensors") as bar:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for hf_name, shape, item in plan:
@@ -297,15 +306,20 @@ def import_gguf(gguf_path, out_dir, dtype: torch.dtype = torch.float32, progress
             return torch.from_numpy(np.ascontiguousarray(w))
 
         out.mkdir(parents=True, exist_ok=True)
-        _write_safetensors(out / "model.safetensors", plan, produce, dtype, progress)
+        try:
+            _write_safetensors(out / "model.safetensors", plan, produce, dtype, progress)
+        except GGUFError as e:  # a tensor the reader cannot decode: name the file it is in
+            raise GGUFError(f"{gguf_path}: {e}") from None
 
+    # Each file replaces its old version only when complete (atomic_write); config.json
+    # last, so a folder with the new config.json holds the new weights.
     def dump(name, obj):
-        (out / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n",
-                                encoding="utf-8")
+        atomic_write_text(out / name, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
-    dump("config.json", config)
     dump("generation_config.json", {k: config[k] for k in
                                     ("bos_token_id", "eos_token_id", "pad_token_id")})
-    tok.save(os.fspath(out / "tokenizer.json"))
+    with atomic_write(out / "tokenizer.json") as tmp:
+        tok.save(os.fspath(tmp))
     dump("tokenizer_config.json", tokenizer_config(meta, tok))
+    dump("config.json", config)
     return out

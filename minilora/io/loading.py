@@ -36,14 +36,20 @@ from itertools import chain
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from ..models import TASKS, get_config_class, get_model_class
 from ..qlora.nf4 import quantize_nf4
+from ..qlora.quantize import (
+    bnb_quantization,
+    bnb_weight_groups,
+    check_quantize_args,
+    nf4_module_names,
+    put_nf4,
+    read_bnb_weight,  # fmt: skip
+)
 from .paths import resolve_model_path
-from ..qlora.quantize import (bnb_quantization, bnb_weight_groups, check_quantize_args, nf4_module_names, put_nf4,
-                       read_bnb_weight)  # fmt: skip
+from .safetensors_files import open_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +87,7 @@ def checkpoint_shards(model_dir: Path) -> list[tuple[Path, list[str]]]:
     """[(safetensors file, keys to read from it)] for a single or a sharded checkpoint."""
     single, index = model_dir / "model.safetensors", model_dir / "model.safetensors.index.json"
     if single.is_file():
-        with safe_open(single, framework="pt") as f:
+        with open_safetensors(single) as f:
             return [(single, list(f.keys()))]
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -162,7 +168,7 @@ _INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_",
 @contextlib.contextmanager
 def _no_init():
     """Skip nn.init while building on meta: the checkpoint overwrites every value, and
-    the first random init on a meta tensor imports ~900 modules (150 MB, seconds)."""
+    the first random init on a meta tensor imports torch._dynamo's hundreds of modules."""
     saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
     for name in saved:
         setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
@@ -183,7 +189,7 @@ def _read_in_chunks(file: Path, key: str, shape, dtype, device) -> torch.Tensor:
     out = torch.empty(shape, dtype=dtype, device=device)
     step = max(1, out.shape[0] * _CHUNK_BYTES // max(1, out.numel() * out.element_size()))
     for r0 in range(0, out.shape[0], step):
-        with safe_open(file, framework="pt") as f:
+        with open_safetensors(file) as f:
             out[r0 : r0 + step].copy_(f.get_slice(key)[r0 : r0 + step])
     return out
 
@@ -246,7 +252,7 @@ def _fill(model, shards, expected, tied, target_dtype, device, nf4: dict | None 
             deferred = None
             # One short-lived mapping per tensor: closing it drops the file pages just
             # read, so memory holds the model plus one tensor, not the whole file too.
-            with safe_open(file, framework="pt") as f:
+            with open_safetensors(file) as f:
                 raw = f.get_tensor(ckpt_key)
                 converted = model.convert_checkpoint_tensor(ckpt_key, raw)
                 if converted is None:

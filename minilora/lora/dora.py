@@ -88,3 +88,32 @@ class DoRAMagnitude(nn.Module):
         """(W' = g * (W0 + s B A), g) for merging; `delta` is s B A. Unmerging divides by g."""
         g = (self.weight / weight_norm(weight, delta, 1.0)).view(-1, 1)
         return g * (weight + delta), g
+
+
+# -- merging a DoRA adapter into its layer's weight, and taking it out again
+
+
+def _dora_base_weight(layer: nn.Module) -> torch.Tensor:
+    if hasattr(layer.base_layer, "add_to_weight"):
+        raise NotImplementedError(
+            "merging a DoRA adapter into a 4-bit (NF4) base is not supported: DoRA rescales every row of W0, "
+            "which would re-quantize it; dequantize the base first, or keep the adapter unmerged"
+        )
+    return layer.base_layer.weight
+
+
+@torch.no_grad()
+def dora_merge(layer: nn.Module, adapter: nn.Module) -> None:
+    """W0 <- g * (W0 + s B A) for a LoRALinear's DoRA `adapter`."""
+    weight = _dora_base_weight(layer)
+    merged, g = adapter.lora_magnitude_vector.merged_weight(weight, adapter.delta_weight())
+    # g must be the one from W0, not recomputed from the merged weight, to unmerge.
+    layer._dora_factor = g
+    weight.copy_(merged.to(weight.dtype))
+
+
+@torch.no_grad()
+def dora_unmerge(layer: nn.Module, adapter: nn.Module) -> None:
+    weight = _dora_base_weight(layer)
+    weight.copy_((weight / layer._dora_factor - adapter.delta_weight()).to(weight.dtype))
+    del layer._dora_factor

@@ -33,22 +33,21 @@ The parameter layout and arithmetic follow peft's `lora.Linear` so that weights,
 outputs and gradients agree with it: `lora_A` and `lora_B` are bias-free
 `nn.Linear` modules and the wrapped layer is kept, not copied, as `base_layer`.
 
-`ModulesToSaveWrapper` (below) is the full-training counterpart for `modules_to_save`
-(a classification head, typically): one trainable copy per adapter, the original kept.
+The forward is the paper's line and nothing else: `base(x) + B(A(dropout(x))) * scaling`.
+`minilora.fast` can swap in a branch that keeps a byte mask instead of x' for the
+backward (fast/lora_layer.py); it computes the same thing.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 
 import torch
 from torch import nn
 
-from .dora import DoRAMagnitude, base_weight
-from ..models.grad_checkpoint import frozen_linear, one_row
-from ..fast.lora_dropout import lora_dropout_update
+from .dora import DoRAMagnitude, dora_merge, dora_unmerge
+from .mixed_batch import mixed_batch_forward
 
 # The modules of the active adapter that sit directly on the layer.
 _MOUNTED = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector")
@@ -92,25 +91,19 @@ class LoRAAdapter(nn.Module):
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
     def add_update(self, x: torch.Tensor, result: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        """`result` (the frozen layer's output for x) plus this adapter's update."""
+        """`result` (the frozen layer's output W0 x) plus this adapter's update."""
         result_dtype = result.dtype
         x = x.to(self.lora_A.weight.dtype)
         if self.lora_magnitude_vector is None:
-            dropout = self.lora_dropout
-            if isinstance(dropout, nn.Dropout) and dropout.training:
-                # Keeps a byte mask instead of a float mask and x' per layer (lora_dropout.py).
-                out = lora_dropout_update(x, result, self.lora_A.weight, self.lora_B.weight, self.scaling, dropout.p)
-                return out.to(result_dtype)
-            # Same order of operations as peft, so results agree to the last bit in fp32.
-            result = result + self.lora_B(self.lora_A(dropout(x))) * self.scaling
+            # h = W0 x + (alpha / r) B A x', in peft's order of operations (equal to the last bit).
+            result = result + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
             return result.to(result_dtype)
-        # DoRA reuses the frozen output W0 x unless dropout changed the adapter's input.
-        dropout = self.lora_dropout
+        # DoRA reuses the frozen output W0 x unless dropout changes the adapter's input.
         base_result = None
-        if isinstance(dropout, nn.Identity) or not dropout.training:
+        if isinstance(self.lora_dropout, nn.Identity) or not self.lora_dropout.training:
             base_result = result
         else:
-            x = dropout(x)
+            x = self.lora_dropout(x)
         result = result + self.lora_magnitude_vector(x, self.lora_A, self.lora_B, self.scaling, base_layer, base_result)
         return result.to(result_dtype)
 
@@ -125,17 +118,9 @@ class LoRALinear(nn.Module):
     this layer has no adapter of that name: it then acts as the base layer).
     """
 
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        r: int = 8,
-        alpha: float = 8.0,
-        dropout: float = 0.0,
-        rslora: bool = False,
-        adapter_dtype: torch.dtype | None = None,
-        use_dora: bool = False,
-        adapter_name: str = "default",
-    ):
+    def __init__(self, base_layer: nn.Module, r: int = 8, alpha: float = 8.0, dropout: float = 0.0,
+                 rslora: bool = False, adapter_dtype: torch.dtype | None = None, use_dora: bool = False,
+                 adapter_name: str = "default"):  # fmt: skip
         super().__init__()
         self.base_layer = base_layer
         self.in_features = base_layer.in_features
@@ -149,36 +134,22 @@ class LoRALinear(nn.Module):
         self.active_adapter: str | None = None
         self.merged = False
         self.disabled = False
-        self.row_adapters: list[str] | None = None  # set by inject.mixed_batch
+        self.row_adapters: list[str] | None = None  # set by named_adapters.mixed_batch
         for p in self.base_layer.parameters():
             p.requires_grad_(False)
         self.add_adapter(adapter_name, r=r, alpha=alpha, dropout=dropout, rslora=rslora, use_dora=use_dora,
                          adapter_dtype=adapter_dtype)  # fmt: skip
         self.set_adapter(adapter_name)
 
-    # -- the active adapter's hyper-parameters, as single-adapter code reads them
+    # -- the active adapter's hyper-parameters, as single-adapter code reads them (None without one)
+    r = property(lambda self: getattr(self._active(), "r", None))
+    alpha = property(lambda self: getattr(self._active(), "alpha", None))
+    scaling = property(lambda self: getattr(self._active(), "scaling", None))
+    rslora = property(lambda self: getattr(self._active(), "rslora", None))
+    use_dora = property(lambda self: getattr(self._active(), "use_dora", None))
+
     def _active(self) -> LoRAAdapter | None:
         return self.adapters.get(self.active_adapter)
-
-    @property
-    def r(self) -> int | None:
-        return getattr(self._active(), "r", None)
-
-    @property
-    def alpha(self) -> float | None:
-        return getattr(self._active(), "alpha", None)
-
-    @property
-    def scaling(self) -> float | None:
-        return getattr(self._active(), "scaling", None)
-
-    @property
-    def rslora(self) -> bool | None:
-        return getattr(self._active(), "rslora", None)
-
-    @property
-    def use_dora(self) -> bool | None:
-        return getattr(self._active(), "use_dora", None)
 
     # -- named adapters
     def add_adapter(self, name: str, r: int = 8, alpha: float = 8.0, dropout: float = 0.0, rslora: bool = False,
@@ -218,51 +189,19 @@ class LoRALinear(nn.Module):
     def reset_parameters(self) -> None:
         self._active().reset_parameters()
 
-    # -- forward
+    # -- forward: h = W0 x + (alpha / r) B A x
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         if self.merged or self.disabled:
             return result
         if self.row_adapters is not None:
-            return self._mixed_batch_forward(x, result)
-        adapter = self.adapters.get(self.active_adapter)
+            return mixed_batch_forward(self, x, result)
+        adapter = self._active()
         if adapter is None:
             return result
         return adapter.add_update(x, result, self.base_layer)
 
-    def forward_for_saved_tensors(self, x: torch.Tensor) -> None:
-        """forward(x) for what autograd saves only (grad_checkpoint.run_for_saved_tensors).
-
-        The adapter saves x, its mask and x A, never W0 x, and a frozen base nn.Linear saves
-        only its weight: so the base runs on one row and the adapter adds to zeros. DoRA
-        (which uses W0 x), merged, disabled and mixed-batch layers run forward in full."""
-        adapter = self.adapters.get(self.active_adapter)
-        if (self.merged or self.disabled or self.row_adapters is not None or not frozen_linear(self.base_layer)
-                or not x.is_contiguous() or (adapter is not None and adapter.lora_magnitude_vector is not None)):
-            self.forward(x)
-            return
-        self.base_layer(one_row(x))
-        if adapter is not None:
-            adapter.add_update(x, x.new_zeros(*x.shape[:-1], self.out_features), self.base_layer)
-
-    def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """Row i of the batch gets adapter row_adapters[i] ("base", or an adapter this
-        layer lacks, adds nothing): the same as running each row on its own."""
-        names = self.row_adapters
-        if len(names) != x.shape[0]:
-            raise ValueError(
-                f"mixed batch: {len(names)} adapter names for a batch of {x.shape[0]} rows; pass one name per row"
-            )
-        result = result.clone()
-        for name in dict.fromkeys(names):
-            adapter = self.adapters.get(name)
-            if adapter is None:
-                continue
-            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
-            result[rows] = adapter.add_update(x[rows], result[rows], self.base_layer)
-        return result
-
-    # -- merging
+    # -- merging: W = W0 + (alpha / r) B A, so inference pays nothing for the adapter
     def delta_weight(self) -> torch.Tensor:
         """The active adapter's update (alpha / r) * B A, shape (out, in), in the adapter's dtype."""
         return self._active().delta_weight()
@@ -278,7 +217,7 @@ class LoRALinear(nn.Module):
         if adapter.lora_magnitude_vector is None:
             self._add_to_base_weight(adapter.delta_weight())
         else:
-            self._dora_merge(adapter)
+            dora_merge(self, adapter)
         self.merged = True
 
     def unmerge(self) -> None:
@@ -290,7 +229,7 @@ class LoRALinear(nn.Module):
         if adapter.lora_magnitude_vector is None:
             self._add_to_base_weight(-adapter.delta_weight())
         else:
-            self._dora_unmerge(adapter)
+            dora_unmerge(self, adapter)
         self.merged = False
 
     @torch.no_grad()
@@ -304,104 +243,8 @@ class LoRALinear(nn.Module):
         # Add in the delta's precision (fp32), round once into the base dtype.
         weight.add_(delta.to(weight.device))
 
-    def _dora_weight(self) -> torch.Tensor:
-        if hasattr(self.base_layer, "add_to_weight"):
-            raise NotImplementedError(
-                "merging a DoRA adapter into a 4-bit (NF4) base is not supported: DoRA rescales every row of W0, "
-                "which would re-quantize it; dequantize the base first, or keep the adapter unmerged"
-            )
-        return self.base_layer.weight
-
-    @torch.no_grad()
-    def _dora_merge(self, adapter: LoRAAdapter) -> None:
-        weight = self._dora_weight()
-        merged, g = adapter.lora_magnitude_vector.merged_weight(weight, adapter.delta_weight())
-        # g must be the one from W0, not recomputed from the merged weight, to unmerge.
-        self._dora_factor = g
-        weight.copy_(merged.to(weight.dtype))
-
-    @torch.no_grad()
-    def _dora_unmerge(self, adapter: LoRAAdapter) -> None:
-        weight = self._dora_weight()
-        weight.copy_((weight / self._dora_factor - adapter.delta_weight()).to(weight.dtype))
-        del self._dora_factor
-
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-            f"alpha={self.alpha}, scaling={self.scaling if self.scaling is None else round(self.scaling, 4)}, "
-            f"rslora={self.rslora}, use_dora={self.use_dora}, active_adapter={self.active_adapter!r}, "
-            f"merged={self.merged}"
-        )
-
-
-class ModulesToSaveWrapper(nn.Module):
-    """A module trained in full (`modules_to_save`), one copy per adapter, as peft does it.
-
-    `original_module` is kept frozen and untouched: it serves "base" rows of a mixed
-    batch, `disable_adapters`, and `remove_lora`. Each adapter trains its own copy in
-    `modules_to_save.<name>`; the active adapter's copy computes the output, so
-    switching adapters switches the head. Attributes the wrapper does not have
-    (`weight`, `bias`, ...) are read from the module that is in use.
-    """
-
-    def __init__(self, original_module: nn.Module, adapter_name: str):
-        super().__init__()
-        self.original_module = original_module
-        self.original_module.requires_grad_(False)
-        self.modules_to_save = nn.ModuleDict()
-        self.active_adapter: str | None = None
-        self.disabled = False
-        self.row_adapters: list[str] | None = None
-        self.add_adapter(adapter_name)
-        self.set_adapter(adapter_name)
-
-    def add_adapter(self, name: str) -> None:
-        if name in self.modules_to_save:
-            raise ValueError(f"this module already has a copy for adapter {name!r}")
-        # Each adapter starts from the pretrained module, not from another adapter's copy.
-        module = copy.deepcopy(self.original_module)
-        module.requires_grad_(False)
-        self.modules_to_save[name] = module
-
-    def set_adapter(self, name: str) -> None:
-        for key, module in self.modules_to_save.items():
-            module.requires_grad_(key == name)
-        self.active_adapter = name if name in self.modules_to_save else None
-
-    def delete_adapter(self, name: str) -> None:
-        if name == self.active_adapter:
-            raise ValueError(f"cannot delete the active adapter {name!r}; switch to another one first")
-        del self.modules_to_save[name]
-
-    def active_module(self) -> nn.Module:
-        if self.disabled or self.active_adapter is None:
-            return self.original_module
-        return self.modules_to_save[self.active_adapter]
-
-    def forward(self, x, *args, **kwargs):
-        if self.row_adapters is None or self.disabled:
-            return self.active_module()(x, *args, **kwargs)
-        names = self.row_adapters
-        if len(names) != x.shape[0]:
-            raise ValueError(
-                f"mixed batch: {len(names)} adapter names for a batch of {x.shape[0]} rows; pass one name per row"
-            )
-        out = None
-        for name in dict.fromkeys(names):
-            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
-            module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
-            part = module(x[rows], *args, **kwargs)
-            if out is None:
-                out = part.new_empty((x.shape[0],) + tuple(part.shape[1:]))
-            out[rows] = part
-        return out
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            # Not during construction or unpickling (nothing to forward to yet).
-            if name.startswith("__") or "active_adapter" not in self.__dict__:
-                raise
-            return getattr(self.active_module(), name)
+        scaling = self.scaling if self.scaling is None else round(self.scaling, 4)
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"alpha={self.alpha}, scaling={scaling}, rslora={self.rslora}, use_dora={self.use_dora}, "
+                f"active_adapter={self.active_adapter!r}, merged={self.merged}")

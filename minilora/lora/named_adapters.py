@@ -22,11 +22,11 @@ from contextlib import contextmanager
 
 from torch import nn
 
+from .config import BASE_NAMES
 from .inject import (
     _ACTIVE_ATTR,
     _CONFIG_ATTR,
     _SAVED_ATTR,
-    BASE_NAMES,
     _activate,
     _adapter_modules,
     _set_module,

@@ -50,11 +50,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from .adapters import CONFIG_NAME, WEIGHTS_NAME, fill_adapter, read_raw_config, write_adapter_files
-from .inject import match_modules_to_save
+from ..io.safetensors_files import open_safetensors
+from .adapters import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    fill_adapter,
+    read_raw_config,
+    write_adapter_files,
+)
+from .targets import match_modules_to_save
 
 PROMPT_KEY = "prompt_embeddings"
 PREFIX = "base_model."  # peft's key prefix for the modules_to_save of a prompt-learning adapter
@@ -103,7 +109,7 @@ def _infer_task_type(model: nn.Module) -> str:
 
 
 def _modules_to_save(model: nn.Module, entries: list[str], task_type: str) -> list[str]:
-    """Full names of the modules that train in full, by peft's rule (inject.match_modules_to_save);
+    """Full names of the modules that train in full, by peft's rule (targets.match_modules_to_save);
     a classifier's head names are added for SEQ_CLS."""
     return match_modules_to_save(model, entries, list(SEQ_CLS_HEAD_NAMES) if task_type == "SEQ_CLS" else [])
 
@@ -316,7 +322,7 @@ def load_prompt_tuning(model: nn.Module, directory: str | os.PathLike, is_traina
     path = directory / WEIGHTS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"adapter weights not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path) as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
 
     task_type = config.task_type or _infer_task_type(model)

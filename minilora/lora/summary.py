@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .inject import _SAVED_ATTR, lora_layers, shorten_per_layer, trainable_summary
+from .inject import _SAVED_ATTR, lora_layers, trainable_summary
+from .targets import shorten_per_layer
 
 
 def parameter_table(model: nn.Module) -> str:

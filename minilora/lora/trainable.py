@@ -15,7 +15,11 @@ from torch import nn
 
 from .adapters import save_adapter
 from .inject import lora_state_dict
-from .prompt_tuning import PromptTuningModel, prompt_tuning_state_dict, save_prompt_tuning
+from .prompt_tuning import (
+    PromptTuningModel,
+    prompt_tuning_state_dict,
+    save_prompt_tuning,
+)
 
 
 def save_trainable(model: nn.Module, directory: str | os.PathLike, **kwargs) -> Path:

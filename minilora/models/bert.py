@@ -20,17 +20,15 @@ Attention, per head of width d = hidden_size / num_heads:
 where Q = h W_q, K = h W_k, V = h W_v (attention.self.query/key/value) and M is 0
 for real tokens and a huge negative number for padding, so that padded keys get
 zero weight. torch's scaled_dot_product_attention computes exactly this, using a
-fused kernel where one exists; training on CPU with attention dropout goes through
-models/attention.py instead, which keeps a byte mask where torch would keep three
-float tensors (and dropout.py does the same for the hidden-state dropouts).
+fused kernel where one exists (models/attention.py).
 
 The pooler maps the first token ([CLS]) through a dense layer and tanh; the
 sequence classifier puts dropout and one linear layer on top of that.
 
-In training, a padded batch keeps its hidden states as (real tokens, hidden) and
-spreads them to (batch, seq, hidden) only for attention (models/unpad.py): every other
-step acts on each token alone, so padding costs no matmul work. In evaluation the
-padded layout is kept, padded positions included, as in transformers.
+minilora.fast swaps in subclasses of a few of these modules: dropouts and an
+attention dropout that keep their masks as bytes, and a BertModel that trains on the
+real tokens of a padded batch only. The layers in between pass `mask` on untouched,
+which is what lets fast/unpad.py hand the attention its real-token layout there.
 
 Module names mirror the Hugging Face checkpoints key for key (including the
 attribute literally called `self` inside `attention`), so that our state_dict
@@ -48,9 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..fast.dropout import Dropout
-from .attention import self_attention
-from .unpad import Unpadded
+from .attention import EncoderSelfAttention
 
 # --------------------------------------------------------------------------- shared
 
@@ -123,7 +119,7 @@ def init_weights(module: nn.Module, std: float) -> None:
     directly starts where transformers' would; the loader gives heads a checkpoint
     lacks the same init. Modules on meta are skipped: the checkpoint overwrites them,
     and a random op on a meta tensor runs through torch._refs, whose first use imports
-    torch._dynamo and with it Triton (~130 MB of resident memory for a CPU run)."""
+    torch._dynamo and with it Triton (resident memory a CPU run has no use for)."""
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.is_meta:
         return
@@ -209,9 +205,13 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = Dropout(config.hidden_dropout_prob)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids=None, token_type_ids=None, inputs_embeds=None, unpadded: Unpadded | None = None):
+    def forward(self, input_ids=None, token_type_ids=None, inputs_embeds=None):
+        return self.dropout(self.LayerNorm(self.embed(input_ids, token_type_ids, inputs_embeds)))
+
+    def embed(self, input_ids=None, token_type_ids=None, inputs_embeds=None) -> torch.Tensor:
+        """word[id] + token_type[segment] + position[i], before the LayerNorm."""
         # inputs_embeds stands in for word[id]: prompt tuning prepends learned vectors
         # that have no token id, and they still get positions and segment 0 added.
         if inputs_embeds is None:
@@ -222,13 +222,10 @@ class BertEmbeddings(nn.Module):
         if token_type_ids is None:
             token_type_ids = torch.zeros(batch, seq, dtype=torch.long, device=inputs_embeds.device)
         h = inputs_embeds + self.token_type_embeddings(token_type_ids)
-        h = h + self.position_embeddings(positions)
-        if unpadded is not None:
-            h = unpadded.take(h)  # LayerNorm and dropout are per token: skip the padding
-        return self.dropout(self.LayerNorm(h))
+        return h + self.position_embeddings(positions)
 
 
-class BertSelfAttention(nn.Module):
+class BertSelfAttention(EncoderSelfAttention):
     def __init__(self, config: BertConfig):
         super().__init__()
         self.num_heads = config.num_attention_heads
@@ -237,9 +234,11 @@ class BertSelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
 
-    def forward(self, h, mask, unpadded: Unpadded | None = None):
-        p = self.dropout_p if self.training else 0.0
-        return self_attention(h, (self.query, self.key, self.value), self.num_heads, mask, p, unpadded)
+    def projections(self):
+        return self.query, self.key, self.value
+
+    def forward(self, h, mask):
+        return self.self_attention(h, mask)
 
 
 class BertSelfOutput(nn.Module):
@@ -249,7 +248,7 @@ class BertSelfOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(in_features or config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = Dropout(config.hidden_dropout_prob)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, x, residual):
         return self.LayerNorm(self.dropout(self.dense(x)) + residual)
@@ -261,8 +260,8 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, h, mask, unpadded: Unpadded | None = None):
-        return self.output(self.self(h, mask, unpadded), h)
+    def forward(self, h, mask):
+        return self.output(self.self(h, mask), h)
 
 
 class BertIntermediate(nn.Module):
@@ -289,8 +288,8 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, h, mask, unpadded: Unpadded | None = None):
-        a = self.attention(h, mask, unpadded)
+    def forward(self, h, mask):
+        a = self.attention(h, mask)
         return self.output(self.intermediate(a), a)
 
 
@@ -299,9 +298,9 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
 
-    def forward(self, h, mask, unpadded: Unpadded | None = None):
+    def forward(self, h, mask):
         for layer in self.layer:
-            h = layer(h, mask, unpadded)
+            h = layer(h, mask)
         return h
 
 
@@ -358,12 +357,8 @@ class BertModel(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None) -> EncoderOutput:
         check_one_input(input_ids, inputs_embeds)
-        # Training on a padded batch runs every token-wise step on the real tokens only.
-        unpadded = Unpadded.in_training(attention_mask, self.training)
-        h = self.embeddings(input_ids, token_type_ids, inputs_embeds, unpadded)
-        h = self.encoder(h, padding_mask(attention_mask, h.dtype), unpadded)
-        if unpadded is not None:
-            h = unpadded.spread(h)
+        h = self.embeddings(input_ids, token_type_ids, inputs_embeds)
+        h = self.encoder(h, padding_mask(attention_mask, h.dtype))
         return EncoderOutput(last_hidden_state=h, pooler_output=self.pooler(h))
 
 
@@ -379,7 +374,7 @@ class BertForSequenceClassification(nn.Module):
         self.num_labels = config.num_labels
         self.bert = BertModel(config)
         p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = Dropout(p)
+        self.dropout = nn.Dropout(p)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         init_weights(self.classifier, config.initializer_range)
 

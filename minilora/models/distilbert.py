@@ -15,8 +15,8 @@ hidden state directly, through its own small MLP:
 
 Module names mirror the Hugging Face checkpoint keys (`distilbert.transformer.
 layer.N.attention.q_lin`, ...), and every projection is an nn.Linear that LoRA can
-wrap. Shared pieces (mask, activations, outputs, loss, init) come from bert.py, and
-training on a padded batch runs on its real tokens only, as BERT's does (models/unpad.py).
+wrap. Shared pieces (mask, activations, outputs, loss, init) come from bert.py, the
+attention from attention.py; minilora.fast swaps in the same fast modules as for BERT.
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..fast.dropout import Dropout
-from .attention import self_attention
+from .attention import EncoderSelfAttention
 from .bert import (
     EncoderOutput,
     SequenceClassifierOutput,
@@ -39,7 +38,6 @@ from .bert import (
     init_weights,
     padding_mask,
 )
-from .unpad import Unpadded
 
 _LAYER_NORM_EPS = 1e-12  # fixed in DistilBERT; not a config field
 
@@ -90,32 +88,35 @@ class Embeddings(nn.Module):
         self.word_embeddings = nn.Embedding(config.vocab_size, config.dim, padding_idx=config.pad_token_id)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.dim)
         self.LayerNorm = nn.LayerNorm(config.dim, eps=_LAYER_NORM_EPS)
-        self.dropout = Dropout(config.dropout)
+        self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, input_ids=None, inputs_embeds=None, unpadded: Unpadded | None = None):
+    def forward(self, input_ids=None, inputs_embeds=None):
+        return self.dropout(self.LayerNorm(self.embed(input_ids, inputs_embeds)))
+
+    def embed(self, input_ids=None, inputs_embeds=None) -> torch.Tensor:
+        """word[id] + position[i], before the LayerNorm."""
         # inputs_embeds stands in for word[id] (prompt tuning's learned vectors).
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
         positions = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
-        h = inputs_embeds + self.position_embeddings(positions)
-        if unpadded is not None:
-            h = unpadded.take(h)  # LayerNorm and dropout are per token: skip the padding
-        return self.dropout(self.LayerNorm(h))
+        return inputs_embeds + self.position_embeddings(positions)
 
 
-class MultiHeadSelfAttention(nn.Module):
+class MultiHeadSelfAttention(EncoderSelfAttention):
     def __init__(self, config: DistilBertConfig):
         super().__init__()
-        self.n_heads = config.n_heads
+        self.num_heads = config.n_heads
         self.q_lin = nn.Linear(config.dim, config.dim)
         self.k_lin = nn.Linear(config.dim, config.dim)
         self.v_lin = nn.Linear(config.dim, config.dim)
         self.out_lin = nn.Linear(config.dim, config.dim)
         self.dropout_p = config.attention_dropout
 
-    def forward(self, h, mask, unpadded: Unpadded | None = None):
-        p = self.dropout_p if self.training else 0.0
-        return self.out_lin(self_attention(h, (self.q_lin, self.k_lin, self.v_lin), self.n_heads, mask, p, unpadded))
+    def projections(self):
+        return self.q_lin, self.k_lin, self.v_lin
+
+    def forward(self, h, mask):
+        return self.out_lin(self.self_attention(h, mask))
 
 
 class FFN(nn.Module):
@@ -124,7 +125,7 @@ class FFN(nn.Module):
         self.lin1 = nn.Linear(config.dim, config.hidden_dim)
         self.lin2 = nn.Linear(config.hidden_dim, config.dim)
         self.act = get_activation(config.activation)
-        self.dropout = Dropout(config.dropout)
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
         return self.dropout(self.lin2(self.act(self.lin1(x))))
@@ -138,9 +139,9 @@ class TransformerBlock(nn.Module):
         self.ffn = FFN(config)
         self.output_layer_norm = nn.LayerNorm(config.dim, eps=_LAYER_NORM_EPS)
 
-    def forward(self, h, mask, unpadded: Unpadded | None = None):
+    def forward(self, h, mask):
         # transformers applies no dropout to the attention output here, unlike BERT.
-        a = self.sa_layer_norm(self.attention(h, mask, unpadded) + h)
+        a = self.sa_layer_norm(self.attention(h, mask) + h)
         return self.output_layer_norm(self.ffn(a) + a)
 
 
@@ -149,9 +150,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
 
-    def forward(self, h, mask, unpadded: Unpadded | None = None):
+    def forward(self, h, mask):
         for layer in self.layer:
-            h = layer(h, mask, unpadded)
+            h = layer(h, mask)
         return h
 
 
@@ -195,11 +196,8 @@ class DistilBertModel(nn.Module):
         # token_type_ids is accepted so one training loop fits every encoder;
         # DistilBERT has no segment embeddings, so it is ignored.
         check_one_input(input_ids, inputs_embeds)
-        # Training on a padded batch runs every token-wise step on the real tokens only.
-        unpadded = Unpadded.in_training(attention_mask, self.training)
-        h = self.embeddings(input_ids, inputs_embeds, unpadded)
-        h = self.transformer(h, padding_mask(attention_mask, h.dtype), unpadded)
-        return EncoderOutput(last_hidden_state=h if unpadded is None else unpadded.spread(h))
+        h = self.embeddings(input_ids, inputs_embeds)
+        return EncoderOutput(last_hidden_state=self.transformer(h, padding_mask(attention_mask, h.dtype)))
 
 
 class DistilBertForSequenceClassification(nn.Module):
@@ -215,7 +213,7 @@ class DistilBertForSequenceClassification(nn.Module):
         self.distilbert = DistilBertModel(config)
         self.pre_classifier = nn.Linear(config.dim, config.dim)
         self.classifier = nn.Linear(config.dim, config.num_labels)
-        self.dropout = Dropout(config.seq_classif_dropout)
+        self.dropout = nn.Dropout(config.seq_classif_dropout)
         for head in (self.pre_classifier, self.classifier):
             init_weights(head, config.initializer_range)
 

@@ -158,7 +158,7 @@ class GPT2Block(nn.Module):
 
 
 class GPT2LMHeadModel(nn.Module):
-    # model(..., labels=..., return_logits=False) gives the loss without the logits (lm_head.py).
+    # Takes labels= and return_logits=False: the caller needs the loss only (lm_head.py).
     fused_lm_loss = True
 
     def __init__(self, config: GPT2Config):
@@ -244,5 +244,10 @@ class GPT2LMHeadModel(nn.Module):
                 x = checkpoint(block, x, mask)
             else:
                 x = block(x, mask, kv_cache)
-        logits, loss, loss_sum = causal_lm_head(self.lm_head, self.transformer.ln_f(x), labels, return_logits)
+        logits, loss, loss_sum = self.head(self.transformer.ln_f(x), labels, return_logits)
         return CausalLMOutput(loss=loss, logits=logits, kv_cache=kv_cache, loss_sum=loss_sum)
+
+    def head(self, hidden: torch.Tensor, labels: torch.Tensor | None, return_logits: bool = True):
+        """(logits, mean loss, summed loss) of the final hidden states; the logits are
+        built for the loss anyway, so they are returned whatever return_logits says."""
+        return causal_lm_head(self.lm_head, hidden, labels)

@@ -19,34 +19,19 @@ Checkpointing one layer in every N (`enable(model, every=N)`) is the same trade 
 coarser: N = 1 keeps only layer inputs, N = 2 keeps every other layer's activations
 and runs half the layers again, so the extra forward costs half as much for about half
 the memory saving (torchtune's selective activation checkpointing by layer frequency).
-Measured on a SmolLM2-135M LoRA step (benchmarks/RESULTS.md, seventh session): off
-4.25 s and 2.6 GB peak RSS, every layer 5.59 s and 1.3 GB, every other layer 5.10 s
-and 1.9 GB.
+The measured trade is in benchmarks/RESULTS.md.
 
-A re-run block's output is thrown away, so work that only feeds the output can be
-skipped: `recomputing(block)` tells a block it is the one being re-run, and
-`run_for_saved_tensors(layer, x)` runs a last projection for what it saves alone. A
-frozen nn.Linear saves only its weight, whatever the number of rows, so its product
-is taken on one row; for a Llama layer that skips the down projection's W0 x, a
-quarter of the frozen matmul work of the re-run (in one process, a SmolLM2 step with
-every layer checkpointed: 5.95 -> 5.81 s; every other layer: 5.13 -> 4.98 s).
-
-And what is cheaper to keep than to make again need not be made again:
-`kept_for_rerun(compute, pack, unpack)` keeps a value from the block's first run for
-its re-runs. The dropout masks use it, kept at one bit per element
-(minilora/dropout.py): 19 MB for a SmolLM2 step with every layer checkpointed, which
-then takes 5.99 -> 5.85 s in one process, for about 60 MB more peak RSS in fresh ones
-(1.30 -> 1.36 GB). Keeping the attention output too, or a second
-hidden state a layer so that o_proj's product could be skipped as well, saved another
-0.17 and 0.11 s but raised the peak by 170 and 210 MB in fresh processes, where each
-keeps 71 MB: long-lived tensors placed among the activations that each step reuses
-fragment the held heap (minilora/cpu_memory.py; copied out of the heap, the attention
-output cost its 71 MB). Not kept (benchmarks/RESULTS.md).
+Two questions a block may ask while it runs, for the fast pieces (the plain models ask
+neither): `recomputing(block)`, whether it is the block being run again (its output
+is then discarded, so fast/rerun.py skips work that only feeds the output), and
+`kept_for_rerun(compute, pack, unpack)`, a value the first run keeps for the re-runs
+instead of computing it again (fast/dropout.py keeps its masks this way, at one bit
+per element).
 
 The mechanism is what torch.utils.checkpoint(use_reentrant=False) does. Ours exists because
 that function is wrapped in torch._disable_dynamo, whose first call imports
-torch._dynamo and with it Triton: ~140 MB of resident memory in a CPU training run
-that compiles nothing, where checkpointing is there to save memory.
+torch._dynamo and with it Triton: resident memory, in a CPU training run that
+compiles nothing, where checkpointing is there to save memory (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -57,7 +42,6 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
-from torch import nn
 
 _local = threading.local()
 T = TypeVar("T")
@@ -85,9 +69,8 @@ def kept_for_rerun(compute: Callable[[], T], pack: Callable[[T], Any] = lambda v
     its re-runs return unpack(kept) in the same order instead of computing again.
 
     For values cheaper to keep than to make, e.g. a dropout mask packed to one bit per
-    element (minilora/dropout.py has the timings). The
-    value must be what the re-run would compute: the block runs with the same inputs
-    and RNG state, so anything computed from them is."""
+    element (fast/dropout.py). The value must be what the re-run would compute: the
+    block runs with the same inputs and RNG state, so anything computed from them is."""
     running = _running()
     if not running:
         return compute()
@@ -106,32 +89,6 @@ def rerun_mismatch(what: str) -> RuntimeError:
     """The error for a re-run that did not repeat its first run: `what` it did instead."""
     return RuntimeError(f"gradient checkpointing: the recomputed forward {what}; the checkpointed function must "
                         "run the same ops given the same inputs")
-
-
-def frozen_linear(module: nn.Module) -> bool:
-    """A plain nn.Linear with no trainable parameter (its F.linear saves only the weight)."""
-    return type(module) is nn.Linear and not any(p.requires_grad for p in module.parameters())
-
-
-def one_row(x: torch.Tensor) -> torch.Tensor:
-    """x cut to its first row, contiguous: F.linear then saves what it saves for a contiguous x
-    (for a strided 3-D input it would save a batched copy of W instead)."""
-    return x[..., :1, :].contiguous()
-
-
-def run_for_saved_tensors(layer: nn.Module, x: torch.Tensor) -> None:
-    """layer(x) where only what autograd saves for the backward is wanted, not the output.
-
-    A frozen nn.Linear saves its weight alone (F.linear keeps W for dx = dy W and nothing
-    of x), so running it on one row saves the same; a module with a
-    `forward_for_saved_tensors` method (LoRALinear) decides for itself; anything else, or a
-    strided x, runs in full."""
-    if frozen_linear(layer) and x.is_contiguous():
-        layer(one_row(x))
-    elif hasattr(layer, "forward_for_saved_tensors"):
-        layer.forward_for_saved_tensors(x)
-    else:
-        layer(x)
 
 
 def _autocast_devices() -> tuple[str, ...]:
@@ -162,8 +119,8 @@ class _Block:
             self.saved, self.unpacked = self._rerun(), 0
         tensor = self.saved[index]
         # Hand it over: the backward keeps it only while it needs it. Kept here until
-        # the block's last unpack, a layer's recomputed activations would pile up
-        # (measured: +65 MB per SmolLM2 layer, 1.7 GB over the backward).
+        # the block's last unpack, a layer's recomputed activations would pile up over
+        # the whole backward (benchmarks/RESULTS.md, "Moved from docstrings").
         self.saved[index] = None
         self.unpacked += 1
         if self.unpacked == self.count:

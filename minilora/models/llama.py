@@ -40,6 +40,10 @@ Differences between members: Qwen2 has biases on q/k/v (not o); Mistral (and Qwe
 with use_sliding_window) lets each token see only the last `sliding_window` tokens,
 which we implement in the attention mask. Module names mirror the Hugging Face
 checkpoints exactly, so `state_dict()` keys equal the keys in model.safetensors.
+
+minilora.fast swaps in subclasses of RMSNorm (a hand-written backward), of the
+model (the loss without the logits) and of the decoder layer (less work when gradient
+checkpointing runs it again); the forward here is the plain computation.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .grad_checkpoint import checkpoint, recomputing, run_for_saved_tensors
+from .grad_checkpoint import checkpoint
 from .kv_cache import KVCache, build_attention_mask, start_forward
 from .lm_head import CausalLMOutput, causal_lm_head
 from .rms_norm import RMSNorm
@@ -254,12 +258,8 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=config.mlp_bias)
         self.act = ACTIVATIONS[config.hidden_act]
 
-    def forward(self, x, output_used: bool = True):
-        product = self.act(self.gate_proj(x)) * self.up_proj(x)
-        if not output_used:
-            run_for_saved_tensors(self.down_proj, product)
-            return None
-        return self.down_proj(product)
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -273,16 +273,11 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, mask, kv_cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
-        if recomputing(self):
-            # Run again by checkpointing for its saved tensors: the output is discarded,
-            # and so is the down projection's frozen product that only feeds it.
-            self.mlp(self.post_attention_layernorm(x), output_used=False)
-            return x
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LlamaForCausalLM(nn.Module):
-    # model(..., labels=..., return_logits=False) gives the loss without the logits (lm_head.py).
+    # Takes labels= and return_logits=False: the caller needs the loss only (lm_head.py).
     fused_lm_loss = True
 
     def __init__(self, config: LlamaConfig):
@@ -368,5 +363,10 @@ class LlamaForCausalLM(nn.Module):
                 x = checkpoint(layer, x, cos, sin, mask)
             else:
                 x = layer(x, cos, sin, mask, kv_cache)
-        logits, loss, loss_sum = causal_lm_head(self.lm_head, self.model.norm(x), labels, return_logits)
+        logits, loss, loss_sum = self.head(self.model.norm(x), labels, return_logits)
         return CausalLMOutput(loss=loss, logits=logits, kv_cache=kv_cache, loss_sum=loss_sum)
+
+    def head(self, hidden: torch.Tensor, labels: torch.Tensor | None, return_logits: bool = True):
+        """(logits, mean loss, summed loss) of the final hidden states; the logits are
+        built for the loss anyway, so they are returned whatever return_logits says."""
+        return causal_lm_head(self.lm_head, hidden, labels)

@@ -8,12 +8,9 @@ averaged over those targets in `loss` (as transformers does) and kept as a sum i
 `loss_sum` (the trainer divides by the global target count itself, so gradient
 accumulation weights every token alike).
 
-With `return_logits=False` and a plain `nn.Linear` head, the loss goes through
-`linear_cross_entropy`, which never builds the (tokens x vocab) logits and skips
-the head's matmul for rows without a target (prompt and padding): for SmolLM2 at
-1,024 tokens that is 201 MB of logits plus as much again for the log-softmax and
-its gradient. A head that is itself adapted (LoRA on lm_head, a trainable copy in
-modules_to_save) takes the plain path.
+The models take `return_logits=False` with labels (their `fused_lm_loss` flag says
+so): the caller wants the loss only. Here the logits are built for the loss anyway and
+returned; minilora.fast swaps in a head that never builds them (fast/linear_ce.py).
 """
 
 from __future__ import annotations
@@ -23,8 +20,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
-
-from ..fast.linear_ce import linear_cross_entropy
 
 IGNORE_INDEX = -100
 
@@ -43,19 +38,16 @@ def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
 
 
 def causal_lm_head(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor | None,
-                   return_logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
-    """(logits or None, mean loss or None, summed loss or None) for final hidden states (batch, seq, hidden).
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+    """(logits, mean loss or None, summed loss or None) for final hidden states (batch, seq, hidden).
 
     The loss is computed in fp32 (a bf16 log-softmax over a 128k vocabulary loses digits).
     """
+    logits = lm_head(hidden)
     if labels is None:
-        return lm_head(hidden), None, None
+        return logits, None, None
     targets = next_token_labels(labels.to(hidden.device))
     count = (targets != IGNORE_INDEX).sum()
-    if not return_logits and type(lm_head) is nn.Linear:
-        loss_sum = linear_cross_entropy(hidden, lm_head.weight, targets, bias=lm_head.bias, ignore_index=IGNORE_INDEX)
-        return None, loss_sum / count, loss_sum
-    logits = lm_head(hidden)
     loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction="sum")  # fmt: skip
     return logits, loss_sum / count, loss_sum

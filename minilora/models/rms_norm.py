@@ -1,24 +1,16 @@
-"""RMSNorm with a hand-written backward.
+"""RMSNorm: Llama's normalisation, a LayerNorm without the mean and the bias.
 
 RMSNorm (Zhang & Sennrich, 2019, eq. 4) rescales a row x of H numbers by its root
-mean square, with a learned gain w and no mean subtraction or bias:
+mean square, with a learned gain w:
 
     y = w ⊙ x r,        r = (mean_i(x_i^2) + eps)^(-1/2)
 
-Differentiating (ĝ = w ⊙ dL/dy; dr/dx_j = -r^3 x_j / H):
-
-    dL/dx = r ĝ - x r^3 mean_i(ĝ_i x_i)
-    dL/dw = sum over rows of dL/dy ⊙ x r
-
-Written with torch ops, autograd records the square, the mean, the rsqrt and two
-products, and its backward walks back through each, one pass over the (tokens x H)
-activations per step. This function keeps x and r (one number a row) and computes
-dL/dx in four passes.
-
-The forward is the reference implementation's arithmetic, op for op (statistics in
-fp32, the gain applied in the input dtype), so fp32 and bf16 outputs are bit-identical
-to it; the backward works in fp32 and returns the input's dtype. (fp64 input keeps
+The arithmetic is the reference implementation's, op for op: the statistics in fp32
+(a bf16 mean of squares loses digits), the gain applied in the input's dtype. So fp32
+and bf16 outputs are bit-identical to transformers' LlamaRMSNorm. (fp64 input keeps
 fp64 throughout, where the reference would round it to fp32.)
+
+minilora.fast swaps in a subclass with a hand-written backward (fast/rms_norm.py).
 """
 
 from __future__ import annotations
@@ -27,31 +19,9 @@ import torch
 from torch import nn
 
 
-def _stats_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for fp64 input
-
-
-class _RMSNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        xf = x.to(_stats_dtype(x))
-        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        ctx.save_for_backward(x, weight, r)
-        return weight * (xf * r).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, weight, r = ctx.saved_tensors
-        xf = x.to(_stats_dtype(x))
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            g_hat = grad.to(xf.dtype) * weight.to(xf.dtype)
-            mean_gx = torch.linalg.vecdot(g_hat, xf, dim=-1).unsqueeze(-1).div_(x.shape[-1])
-            grad_x = g_hat.mul_(r).addcmul_(xf, mean_gx.mul_(r.pow(3)), value=-1).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            normed = (xf * r).to(x.dtype)
-            grad_w = (grad * normed).reshape(-1, x.shape[-1]).sum(0, dtype=xf.dtype).to(weight.dtype)
-        return grad_x, grad_w, None
+def stats_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the statistics are computed in: fp32, or fp64 for fp64 input."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 class RMSNorm(nn.Module):
@@ -61,4 +31,6 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _RMSNormFunction.apply(x, self.weight, self.eps)
+        xf = x.to(stats_dtype(x))
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * (xf * r).to(x.dtype)

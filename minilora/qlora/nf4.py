@@ -19,10 +19,13 @@ on top of it. Three ideas make 4 bits enough:
 
 2. Blockwise absmax scaling. The flattened weight is cut into blocks of
    `blocksize` values (64 by default; the last block may be partial). Each block
-   is divided by its largest magnitude, so it lands in [-1, 1], and every value is
-   replaced by the index of the nearest code (ties go to the lower code). Small
-   blocks keep one outlier from crushing the resolution of a whole row. Two
-   4-bit indices share a byte: the first element in the high nibble.
+   is divided by its largest magnitude, absmax, so it lands in [-1, 1]:
+   s = w / absmax. Small blocks keep one outlier from crushing the resolution of
+   a whole row.
+
+   Quantizing replaces every s by the index of the nearest code,
+   argmin_j |s - code_j|, and two 4-bit indices share a byte (the first element in
+   the high nibble). Dequantizing is one product: w' = code[index] * absmax.
 
 3. Double quantization. One fp32 absmax per 64 values costs 32/64 = 0.5 bits per
    parameter (4.5 bits in all). QLoRA quantizes the absmax values themselves:
@@ -32,12 +35,19 @@ on top of it. Three ideas make 4 bits enough:
    A block's scale is rebuilt as dynamic_map[q] * nested_absmax[i // 256] + offset.
 
 Bit-exactness notes (bitsandbytes' CPU path, which this file matches):
-the 4-bit step scales full blocks by multiplying with 1 / absmax but divides the
-partial last block by its absmax (whose stored value is clamped to >= 1e-38); the
-8-bit step of double quantization does not search the 256 codes but rounds the
-scaled value onto a 65536-point grid over [-1, 1] and looks the code up in a
-table built from that grid, which is what makes its results differ from a true
+the nearest code is decided against the 15 midpoints between neighbouring codes
+rounded to float32, and a value equal to a midpoint takes the lower code (see
+`nearest_nf4`); the 4-bit step scales full blocks by multiplying with 1 / absmax
+but divides the partial last block by its absmax (whose stored value is clamped to
+>= 1e-38); the 8-bit step of double quantization does not search the 256 codes but
+rounds the scaled value onto a 65536-point grid over [-1, 1] and looks the code up
+in a table built from that grid, which is what makes its results differ from a true
 nearest-code search near code midpoints.
+
+This file is the reference: each step written once, over whole tensors.
+`minilora.fast.nf4_codec` computes the same bytes faster on the CPU and plugs in
+through `use_codec`; nothing here imports it. On CUDA, dequantization runs the
+Triton kernel in minilora.kernels.nf4_dequant.
 """
 
 from __future__ import annotations
@@ -45,10 +55,8 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 
-import numpy as np
 import torch
-
-from ..fast.hugepages import empty_huge
+import torch.nn.functional as F
 
 NF4_CODE_VALUES = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -59,21 +67,15 @@ NF4_CODE_VALUES = (
 ALLOWED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 _DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Chunks of this many values stay in a CPU's L2 cache between the passes below.
-_CPU_CHUNK = 1 << 18
-_CUDA_CHUNK = 1 << 24
-
-
 def nf4_code(device=None) -> torch.Tensor:
     return torch.tensor(NF4_CODE_VALUES, dtype=torch.float32, device=device)
 
 
-@lru_cache(maxsize=None)
-def _nf4_bounds() -> tuple[float, ...]:
-    # Midpoints rounded to fp32 exactly as bitsandbytes computes them: a value
-    # equal to a midpoint counts as below it, so ties pick the lower code.
-    code = nf4_code()
-    return tuple(((code[:-1] + code[1:]) / 2).tolist())
+def nf4_midpoints(device=None) -> torch.Tensor:
+    """The 15 decision boundaries between neighbouring codes, (code[j] + code[j+1]) / 2,
+    rounded to float32 exactly as bitsandbytes computes them."""
+    code = nf4_code(device)
+    return (code[:-1] + code[1:]) / 2
 
 
 def dynamic_map_signed(device=None) -> torch.Tensor:
@@ -107,64 +109,43 @@ def _check_blocksize(blocksize: int) -> None:
         raise ValueError(f"NF4 blocksize must be one of {ALLOWED_BLOCKSIZES}, got {blocksize!r}")
 
 
-@lru_cache(maxsize=None)
-def _nf4_bounds_above() -> tuple[float, ...]:
-    # s > b  <=>  s >= next float after b, so with these the sign of (s - b') alone decides.
-    return tuple(float(np.nextafter(np.float32(b), np.float32(2))) for b in _nf4_bounds())
+def nearest_nf4(s: torch.Tensor) -> torch.Tensor:
+    """The index of the nearest NF4 code to each scaled value s: argmin_j |s - code_j| (uint8).
 
-
-def _nf4_indices(s: torch.Tensor, acc: torch.Tensor, diff: torch.Tensor) -> None:
-    """acc[i] = number of NF4 midpoints strictly below s[i], i.e. the nearest code (int32).
-
-    A binary search (torch.bucketize) costs ~25 ns per value. Counting instead,
-    acc = 15 + sum_j signbit(s - b'_j) as 0/-1 from an arithmetic shift, is three
-    branch-free vector passes per midpoint over a cache-resident chunk: ~5 ns.
-    Float compares to bool are slower than the sub + shift pair on CPU. The sign
-    of s - b' is exact in IEEE arithmetic, so this equals the compare.
+    The codes are sorted, so code j is nearest exactly when s lies between midpoint j - 1
+    and midpoint j: the index is the number of midpoints below s, found by binary search.
+    bitsandbytes compares with the float32 midpoints and gives a value equal to one the
+    lower code. That is argmin |s - code| with ties going low, except that float32
+    rounding moved six midpoints up by half a unit in the last place: a value exactly on
+    one of those is nearer the upper code but takes the lower (tests/test_nf4_bnb.py).
     """
-    bits = diff.view(torch.int32)
-    acc.fill_(15)
-    for b in _nf4_bounds_above():
-        torch.sub(s, b, out=diff)
-        acc.add_(bits.bitwise_right_shift_(31))
+    return torch.bucketize(s, nf4_midpoints(s.device), out_int32=True).to(torch.uint8)
 
 
-def _pack(idx: torch.Tensor, out: torch.Tensor) -> None:
-    torch.bitwise_or(idx[0::2] << 4, idx[1::2], out=out)
+def pack_nibbles(idx: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit indices per byte (an even count of them), element 2i in the high nibble."""
+    return (idx[0::2] << 4) | idx[1::2]
 
 
 def _quantize_4bit(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    n, dev = flat.numel(), flat.device
-    n_full, rem = divmod(n, blocksize)
-    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=dev)
-    absmax = torch.empty(n_full + (rem > 0), dtype=torch.float32, device=dev)
-    rows = max(1, (_CUDA_CHUNK if flat.is_cuda else _CPU_CHUNK) // blocksize)
-    m = min(rows, n_full) * blocksize or 1
-    s_buf, diff = torch.empty(m, device=dev), torch.empty(m, device=dev)
-    acc, idx = torch.empty(m, dtype=torch.int32, device=dev), torch.empty(m, dtype=torch.uint8, device=dev)
-    x2 = flat[: n_full * blocksize].view(n_full, blocksize)
-    p2 = packed[: n_full * blocksize // 2].view(n_full, blocksize // 2)
-    for r0 in range(0, n_full, rows):
-        r1 = min(r0 + rows, n_full)
-        xc = x2[r0:r1].float()
-        k = xc.numel()
-        am = xc.abs().amax(dim=1)
-        absmax[r0:r1] = am
-        # No clamp to [-1, 1] needed: every midpoint lies inside, so counts are unchanged.
-        s = torch.mul(xc, (1.0 / am.clamp(min=1e-38))[:, None], out=s_buf[:k].view(xc.shape))
-        _nf4_indices(s.view(-1), acc[:k], diff[:k])
-        _pack(idx[:k].copy_(acc[:k]), p2[r0:r1].view(-1))
-    if rem:
-        tail = flat[n_full * blocksize :].float()
-        am = tail.abs().max().clamp(min=1e-38)  # stored clamped, as bitsandbytes does
-        absmax[-1] = am
-        s = torch.nn.functional.pad(tail / am, (0, rem % 2))  # divides here; odd n pads a 0.0 nibble
-        acc = torch.empty(s.numel(), dtype=torch.int32, device=dev)
-        _nf4_indices(s, acc, torch.empty_like(s))
-        _pack(acc.to(torch.uint8), packed[n_full * blocksize // 2 :])
+    """Blockwise absmax, then the nearest code of every scaled value: (packed bytes, fp32 absmax)."""
+    n_full = flat.numel() // blocksize
+    blocks, tail = flat[: n_full * blocksize].view(n_full, blocksize), flat[n_full * blocksize :]
+    absmax = torch.linalg.vector_norm(blocks, float("inf"), dim=1, dtype=torch.float32)  # max |w| per block
+    # Full blocks are multiplied by 1 / absmax, in fp32 (an all-zero block stays 0 through the clamp).
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).view(-1)
+    if tail.numel():
+        # The partial block's absmax is stored clamped, as bitsandbytes does, and the block divided by it.
+        tail_absmax = torch.linalg.vector_norm(tail, float("inf"), dtype=torch.float32).clamp(min=1e-38)
+        absmax = torch.cat([absmax, tail_absmax[None]])
+        scaled = torch.cat([scaled, tail.float() / tail_absmax])
     if not torch.isfinite(absmax).all():
         raise ValueError("NF4 quantization needs finite weights: found NaN or inf; clean the tensor first")
-    return packed, absmax
+    if scaled.numel() % 2:
+        scaled = F.pad(scaled, (0, 1))  # an odd count pads the value 0.0 (code 7)
+    idx = nearest_nf4(scaled)
+    del scaled  # free the fp32 copy before packing: loading quantizes tensor after tensor, and its peak RSS counts
+    return pack_nibbles(idx), absmax
 
 
 def _quantize_8bit_dynamic(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,7 +308,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     if w.numel() == 0:
         raise ValueError("quantize_nf4 got an empty tensor; there is nothing to quantize")
     w = w.detach()
-    packed, absmax = _quantize_4bit(w.contiguous().view(-1), blocksize)
+    packed, absmax = _codec.quantize_4bit(w.contiguous().view(-1), blocksize)
     if not double_quant:
         return NF4Weight(packed, absmax, w.shape, w.dtype, blocksize)
     offset = absmax.mean()
@@ -336,58 +317,23 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
                      nested_code=dynamic_map_signed(w.device), offset=offset)  # fmt: skip
 
 
-def _pair_table(code: torch.Tensor) -> torch.Tensor:
-    # Entry b holds the two fp32 values packed into byte b, bit-cast to one int64, so
-    # decoding is a 1-D gather of 8-byte words: ~4x faster than gathering rows of two.
-    b = torch.arange(256, device=code.device)
-    return torch.stack([code[b >> 4], code[b & 15]], dim=1).contiguous().view(torch.int64).view(-1)
-
-
 def dequantize_nf4_torch(w: NF4Weight, dtype=None, out=None) -> torch.Tensor:
-    """Reference dequantization in plain torch: fp32 code * fp32 absmax, rounded once to dtype."""
+    """Reference dequantization: code[index] * absmax in fp32, rounded once to `dtype`."""
     dtype = dtype or w.dtype
-    n, bs, dev = w.numel(), w.blocksize, w.device
-    out = _check_out(out, w, dtype)
-    flat = out.view(-1)
-    scales, table = w.scales(), _pair_table(w.code.to(dev))
-    n_full, half = n // bs, bs // 2
-    rows = max(1, (_CUDA_CHUNK if w.packed.is_cuda else _CPU_CHUNK) // bs)
-    k = min(rows, n_full) * half
-    # index_select over the 1-D table runs on one thread. With more, a gather from the
-    # table broadcast to one row per block (a stride-0 view) splits the blocks between
-    # threads: 1.2-1.6x faster at 2 threads, a little slower at 1 (benchmarks/RESULTS.md).
-    parallel = not w.packed.is_cuda and torch.get_num_threads() > 1
-    idx = torch.empty(k, dtype=torch.int64 if parallel else torch.int32, device=dev)
-    table_rows = table.expand(min(rows, n_full), table.numel())
-    # fp32 decodes straight into the output when its storage is 8-byte aligned for the int64 view.
-    direct = dtype == torch.float32 and flat.storage_offset() % 2 == 0
-    buf = None if direct else torch.empty(k, dtype=torch.int64, device=dev)
-    for r0 in range(0, n_full, rows):
-        r1 = min(r0 + rows, n_full)
-        i = idx[: (r1 - r0) * half].copy_(w.packed[r0 * half : r1 * half])
-        dst = flat[r0 * bs : r1 * bs].view(r1 - r0, bs)
-        # fp16/bf16: the fp32 product in the cache-sized buffer, rounded once by the copy out.
-        pairs = dst.view(torch.int64) if buf is None else buf[: i.numel()].view(r1 - r0, half)
-        if parallel:
-            torch.gather(table_rows[: r1 - r0], 1, i.view(r1 - r0, half), out=pairs)
-        else:
-            torch.index_select(table, 0, i, out=pairs.view(-1))
-        vals = pairs.view(torch.float32)
-        vals.mul_(scales[r0:r1, None])
-        if buf is not None:
-            dst.copy_(vals)  # measured ~7% faster than a mixed-dtype torch.mul(..., out=dst)
-    if n_full * bs < n:
-        vals = table.index_select(0, w.packed[n_full * half :].int()).view(torch.float32)[: n - n_full * bs]
-        torch.mul(vals, scales[n_full], out=flat[n_full * bs :])
+    out = check_out(out, w, dtype)
+    n = w.numel()
+    idx = torch.stack([w.packed >> 4, w.packed & 15], dim=1).view(-1)[:n]  # high nibble first
+    absmax = w.scales().repeat_interleave(w.blocksize)[:n]
+    out.view(-1).copy_(w.code.to(w.device)[idx.long()] * absmax)
     return out
 
 
-def _check_out(out, w: NF4Weight, dtype) -> torch.Tensor:
+def check_out(out, w: NF4Weight, dtype) -> torch.Tensor:
+    """`out` if it can hold `w` dequantized to `dtype` (else ValueError); a new tensor if None."""
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"NF4 dequantizes to float32, float16 or bfloat16, not {dtype}")
     if out is None:
-        # Page faults on a fresh 4 KiB-paged tensor cost more than the decoding itself.
-        return empty_huge(w.shape, dtype=dtype, device=w.device)
+        return torch.empty(w.shape, dtype=dtype, device=w.device)
     if out.dtype != dtype or out.numel() != w.numel() or out.device != w.device or not out.is_contiguous():
         raise ValueError(
             f"out must be a contiguous {dtype} tensor with {w.numel()} elements on {w.device}; "
@@ -398,11 +344,44 @@ def _check_out(out, w: NF4Weight, dtype) -> torch.Tensor:
 
 def dequantize_nf4(w: NF4Weight, dtype=None, out=None) -> torch.Tensor:
     """Dequantize to `dtype` (default: the weight's original dtype): the Triton kernel
-    on CUDA tensors, the torch reference elsewhere. Pass `out` to reuse a buffer."""
+    on CUDA tensors, the installed codec (the reference unless one is installed)
+    elsewhere. Pass `out` to reuse a buffer."""
     if w.packed.is_cuda:
         try:
             from minilora.kernels.nf4_dequant import dequantize_nf4_triton
-        except ImportError:  # no Triton on this platform: the torch path runs on CUDA too
-            return dequantize_nf4_torch(w, dtype, out)
+        except ImportError:  # no Triton on this platform: the codec runs on CUDA too
+            return _codec.dequantize(w, dtype, out)
         return dequantize_nf4_triton(w, dtype, out)
-    return dequantize_nf4_torch(w, dtype, out)
+    return _codec.dequantize(w, dtype, out)
+
+
+class ReferenceCodec:
+    """The codec this file defines. A codec is any object with these two methods;
+    minilora.fast.nf4_codec provides a faster one that gives the same bytes."""
+
+    name = "reference"
+
+    @staticmethod
+    def quantize_4bit(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """1-D float tensor -> (packed uint8 nibbles, fp32 absmax per block)."""
+        return _quantize_4bit(flat, blocksize)
+
+    @staticmethod
+    def dequantize(w: NF4Weight, dtype=None, out=None) -> torch.Tensor:
+        return dequantize_nf4_torch(w, dtype, out)
+
+
+REFERENCE = ReferenceCodec()
+_codec = REFERENCE
+
+
+def use_codec(codec=None):
+    """Make `codec` compute every NF4 quantization and CPU dequantization in this process
+    (None: back to the reference). Returns the codec it replaced."""
+    global _codec
+    previous, _codec = _codec, REFERENCE if codec is None else codec
+    return previous
+
+
+def current_codec():
+    return _codec

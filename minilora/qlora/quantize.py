@@ -50,9 +50,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
+from ..io.safetensors_files import open_safetensors
 from .nf4 import ALLOWED_BLOCKSIZES, NF4Weight
 from .nf4_linear import NF4Linear
 
@@ -114,7 +114,7 @@ def read_bnb_weight(locate: dict[str, Path], weight_key: str, parts: list[str], 
     it, and a rewritten file would change the model under us."""
     sd = {}
     for key in [weight_key, *parts]:
-        with safe_open(locate[key], framework="pt") as f:
+        with open_safetensors(locate[key]) as f:
             sd[key] = f.get_tensor(key).clone()
     return NF4Weight.from_bnb_state_dict(sd, weight_key).to(device)
 

@@ -12,12 +12,12 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from ..io.atomic import atomic_write, atomic_write_text
 from ..io.loading import _no_init, checkpoint_shards, find_model_dir, resolve_dtype
 from ..io.progress import Progress
+from ..io.safetensors_files import open_safetensors
 from ..io.safetensors_stream import SafetensorsStream
 from ..models import get_config_class, get_model_class, supported_tasks
 from .nf4 import quantize_nf4
@@ -90,7 +90,7 @@ def quantize_folder(in_dir, out_dir, blocksize: int = 64, double_quant: bool = T
         for file, keys in shards:
             for key in keys:
                 bar.update(1)
-                with safe_open(file, framework="pt") as f:  # one short-lived mapping per tensor, as in loading
+                with open_safetensors(file) as f:  # one short-lived mapping per tensor, as in loading
                     raw = f.get_tensor(key)
                     if raw.is_floating_point() and seen_dtype is None:
                         seen_dtype = raw.dtype

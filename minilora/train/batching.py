@@ -35,8 +35,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .data import (IGNORE_INDEX, ClassificationData, _encode_many, chat_ids, pack_text,
-                   read_classification, read_instructions, read_text)
+from .data import (
+    IGNORE_INDEX,
+    ClassificationData,
+    _encode_many,
+    chat_ids,
+    pack_text,
+    read_classification,
+    read_instructions,
+    read_text,
+)
 
 MEGA_CHUNK_BATCHES = 50
 

@@ -21,9 +21,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from ..io.atomic import give_default_mode
+from ..io.safetensors_files import load_safetensors
 from ..lora.trainable import save_trainable, trainable_state_dict
 
 STATE_TENSORS = "trainer_state.safetensors"
@@ -104,6 +106,7 @@ def save_checkpoint(
         shutil.rmtree(stale, ignore_errors=True)
     final = folder / f"step-{state['step']:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=folder))
+    give_default_mode(tmp)
     try:
         save_trainable(model, tmp)
         tensors, meta = _optimizer_to_flat(optimizer)
@@ -111,6 +114,7 @@ def save_checkpoint(
         save_file(tensors, str(tmp / STATE_TENSORS))
         (tmp / STATE_JSON).write_text(json.dumps({**state, "optimizer": meta}, indent=1))
         for f in tmp.iterdir():
+            give_default_mode(f)  # safetensors creates its files 0600
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         if final.exists():  # the same step saved again: swap, then drop the old one
@@ -132,9 +136,9 @@ def save_checkpoint(
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer) -> dict:
     """Fill the adapter and optimizer from a checkpoint, restore RNG; return its state."""
     path = resolve_checkpoint(path)
-    tensors = load_file(str(path / STATE_TENSORS))
+    tensors = load_safetensors(path / STATE_TENSORS)
     state = json.loads((path / STATE_JSON).read_text())
-    adapter = load_file(str(path / "adapter_model.safetensors"))
+    adapter = load_safetensors(path / "adapter_model.safetensors")
     params = trainable_state_dict(model)
     with torch.no_grad():
         for key, value in adapter.items():

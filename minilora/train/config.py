@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import re
 import tomllib
 import types
@@ -49,6 +50,10 @@ from pathlib import Path
 from ..io.paths import PACKAGE_SCHEME, resolve_model_path
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm stopped being a finite number; nothing after it is saved."""
 
 
 class ConfigError(ValueError):
@@ -134,7 +139,8 @@ class TrainSection:
     resume_from: str | None = None
     device: str = "auto"
     precision: str = "auto"                   # auto: bf16 autocast on CUDA, fp32 on CPU
-    hold_cpu_memory: bool = True              # CPU, glibc: reuse freed memory across steps (cpu_memory.py)
+    hold_cpu_memory: bool = True              # CPU, glibc: reuse freed memory across steps (fast/cpu_memory.py)
+    fast: bool = True                         # minilora.fast: the same computation on faster paths; false: plain
 
 
 @dataclass
@@ -307,6 +313,8 @@ def _build_section(name: str, values) -> object:
         except TypeError:
             raise ConfigError(f"{name}.{key}: expected {_type_name(hints[key])}, "
                               f"got {value!r} ({type(value).__name__})") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name}.{key}: {value!r} is not a finite number; give a finite value")
         allowed = ENUMS.get((name, key))
         if allowed and value is not None and value not in allowed and not (
                 (name, key) == ("train", "device") and re.fullmatch(r"cuda:\d+", value)):

