@@ -31,7 +31,6 @@ from . import (
     lora_layer,
     nf4_codec,
     rerun,
-    rms_norm,
     unpad,
 )
 from .swap import swap_class
@@ -42,7 +41,6 @@ PIECES = {
     "dropout": dropout,           # the encoders' dropout keeps a byte mask, drawn from SFC64 words
     "attention": attention,       # the encoders' attention dropout keeps a byte mask
     "unpad": unpad,               # the encoders train on their real tokens only, not the padding
-    "rms_norm": rms_norm,         # RMSNorm with the analytic backward
     "linear_ce": linear_ce,       # LM-head cross-entropy in chunks, the logits never whole
     "rerun": rerun,               # a checkpoint re-run skips the down projection's frozen product
     "nf4_codec": nf4_codec,       # NF4 quantize/dequantize tuned for the CPU (process-wide, see below)

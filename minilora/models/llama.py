@@ -41,9 +41,9 @@ with use_sliding_window) lets each token see only the last `sliding_window` toke
 which we implement in the attention mask. Module names mirror the Hugging Face
 checkpoints exactly, so `state_dict()` keys equal the keys in model.safetensors.
 
-minilora.fast swaps in subclasses of RMSNorm (a hand-written backward), of the
-model (the loss without the logits) and of the decoder layer (less work when gradient
-checkpointing runs it again); the forward here is the plain computation.
+minilora.fast swaps in subclasses of the model (the loss without the logits) and of the
+decoder layer (less work when gradient checkpointing runs it again); the forward here
+is the plain computation.
 """
 
 from __future__ import annotations

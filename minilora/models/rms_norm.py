@@ -10,7 +10,6 @@ The arithmetic is the reference implementation's, op for op: the statistics in f
 and bf16 outputs are bit-identical to transformers' LlamaRMSNorm. (fp64 input keeps
 fp64 throughout, where the reference would round it to fp32.)
 
-minilora.fast swaps in a subclass with a hand-written backward (fast/rms_norm.py).
 """
 
 from __future__ import annotations
