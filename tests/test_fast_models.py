@@ -2,11 +2,10 @@
 linear_ce, rerun) against the plain models they install on: same state, the same
 computation (bit for bit where the test says so, else to the stated tolerance; for
 dropout, the same mask gives the same output and gradients), installed once, in any
-order, and the plain models import nothing of minilora.fast or minilora.train."""
+order. (That the plain models import nothing of minilora.fast or minilora.train is
+tests/test_layout.py's check, for every teaching subpackage.)"""
 
-import ast
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +20,6 @@ from minilora.models.grad_checkpoint import checkpoint
 from minilora.models.llama import LlamaForCausalLM
 from test_models_llama_gpt2 import build_pair, padded_batch
 
-MODELS = Path(__file__).resolve().parents[1] / "minilora" / "models"
 MODEL_PIECES = ["dropout", "attention", "unpad", "linear_ce", "rerun"]
 
 
@@ -48,19 +46,6 @@ def encoder_batch():
 
 def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def test_plain_models_import_neither_fast_nor_train():
-    for path in MODELS.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom):
-                names = [("." * node.level) + (node.module or "")]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            else:
-                continue
-            for name in names:
-                assert not name.startswith(("..fast", "..train", "minilora.fast", "minilora.train")), (path, name)
 
 
 @pytest.mark.parametrize("case", ["bert", "distilbert", "llama_gqa", "gpt2"])

@@ -5,7 +5,6 @@ absmax, offset) and dequantizing the same values, bit for bit, in every dtype. B
 held to bitsandbytes' bytes in tests/test_nf4_bnb.py, which runs under each codec.
 """
 
-import ast
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -158,23 +157,6 @@ def test_uninstall_leaves_another_codec_alone():
     with codec(other):
         nf4_codec.uninstall()
         assert nf4.current_codec() is other
-
-
-def test_qlora_never_imports_fast_or_train():
-    for path in sorted((ROOT / "minilora" / "qlora").glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom):
-                names = [("." * node.level) + (node.module or "")]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            else:
-                continue
-            for name in names:
-                parts = name.lstrip(".").split(".")
-                bad = parts[:2] in (["minilora", "fast"], ["minilora", "train"]) or (
-                    name.startswith("..") and parts[0] in ("fast", "train")
-                )
-                assert not bad, f"{path.relative_to(ROOT)} imports {name}: the teaching code must not"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
