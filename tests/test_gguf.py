@@ -316,6 +316,7 @@ def tiny_llama(tmp_path, arch="llama", extra_tensor=None, with_output=True, extr
            ("tokenizer.ggml.merges", ARR, (STR, ["Ġ t", "Ġt h"])),
            ("tokenizer.ggml.bos_token_id", 4, 0), ("tokenizer.ggml.eos_token_id", 4, 1),
            *extra_kvs]
+    kvs = list({key: (key, vtype, value) for key, vtype, value in kvs}.values())  # an extra kv replaces its namesake
 
     def f32(*dims):
         return rng.standard_normal(int(np.prod(dims))).astype(np.float32).tobytes()

@@ -170,3 +170,27 @@ def test_a_dotted_pkg_name_does_not_import_the_package(tmp_path, monkeypatch):
         resolve_model_path("pkg:trap_pkg.sub")
     assert not marker.exists()
     assert "trap_pkg" not in sys.modules
+
+
+# 5. more errors that were tracebacks: positions, GGUF metadata out of its domain
+
+
+def test_examples_longer_than_the_position_table_are_a_config_error(run_config, tmp_path):  # noqa: F811
+    long_tsv = tmp_path / "long.tsv"
+    long_tsv.write_text("label\tsentence\n" + "".join(f"{i % 2}\t{'a fine film ' * 80}\n" for i in range(8)))
+    proc = run("train", run_config, "--set", f"data.train_file={long_tsv}", "--set", "data.max_length=300",
+               "--no-progress")
+    one_line_error(proc, "data.max_length")
+    assert "128 learned positions" in proc.stderr
+
+
+@pytest.mark.parametrize("kvs,needle", [
+    ([("llama.attention.head_count_kv", 4, 0)], "head_count_kv = 0"),
+    ([("llama.attention.head_count_kv", 4, 3)], "not a multiple"),
+    ([("tokenizer.ggml.merges", 9, (8, ["Ġ t", "Ġt zz"]))], "'zz'"),
+])
+def test_gguf_metadata_out_of_its_domain_is_named_and_nothing_is_written(tmp_path, kvs, needle):
+    out = tmp_path / "model"
+    proc = run("import-gguf", tiny_llama(tmp_path, extra_kvs=kvs), out)
+    one_line_error(proc, needle)
+    assert not (out / "config.json").exists() and not (out / "model.safetensors").exists()

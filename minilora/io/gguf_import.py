@@ -32,6 +32,7 @@ safetensors writer, so the peak is about one tensor, not the whole model.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -113,8 +114,22 @@ def llama_config(meta: dict, dtype: torch.dtype, tied: bool) -> dict:
             raise GGUFError(f"GGUF metadata lacks {key!r}, needed for config.json")
         return meta[key]
 
-    n_head = need("llama.attention.head_count")
-    hidden = need("llama.embedding_length")
+    def positive(key, value):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise GGUFError(f"GGUF metadata {key} = {value!r}; it must be a positive integer")
+        return value
+
+    n_head = positive("llama.attention.head_count", need("llama.attention.head_count"))
+    hidden = positive("llama.embedding_length", need("llama.embedding_length"))
+    n_kv = positive("llama.attention.head_count_kv", meta.get("llama.attention.head_count_kv", n_head))
+    if n_head % n_kv:
+        raise GGUFError(f"GGUF metadata: llama.attention.head_count {n_head} is not a multiple of "
+                        f"llama.attention.head_count_kv {n_kv}")
+    for key in ("llama.block_count", "llama.feed_forward_length", "llama.context_length"):
+        positive(key, need(key))
+    eps = need("llama.attention.layer_norm_rms_epsilon")
+    if not (isinstance(eps, float) and math.isfinite(eps) and eps > 0):
+        raise GGUFError(f"GGUF metadata llama.attention.layer_norm_rms_epsilon = {eps!r}; it must be > 0 and finite")
     vocab = meta.get("llama.vocab_size") or len(need("tokenizer.ggml.tokens"))
     head_dim = meta.get("llama.attention.key_length") or hidden // n_head
     theta = _f32(meta.get("llama.rope.freq_base", 10000.0))
@@ -126,7 +141,7 @@ def llama_config(meta: dict, dtype: torch.dtype, tied: bool) -> dict:
         "intermediate_size": need("llama.feed_forward_length"),
         "num_hidden_layers": need("llama.block_count"),
         "num_attention_heads": n_head,
-        "num_key_value_heads": meta.get("llama.attention.head_count_kv", n_head),
+        "num_key_value_heads": n_kv,
         "head_dim": head_dim,
         "hidden_act": "silu",
         "rope_theta": theta,
@@ -168,6 +183,9 @@ def build_tokenizer(meta: dict) -> Tokenizer:
         pair = m.split(" ")
         if len(pair) != 2:  # byte-level tokens never contain a raw space
             raise GGUFError(f"merge {m!r} is not of the form 'left right'")
+        missing = [t for t in (*pair, "".join(pair)) if t not in vocab]
+        if missing:  # the tokenizers library would fail with an opaque error, or panic
+            raise GGUFError(f"merge {m!r} names {missing[0]!r}, which is not in tokenizer.ggml.tokens")
         merges.append(tuple(pair))
 
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))

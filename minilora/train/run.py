@@ -65,7 +65,25 @@ def prepare(cfg: Config, log=print):
     num_labels = cfg.model.num_labels or (len(data.label_names) if data.label_names else None)
     torch.manual_seed(cfg.train.seed)  # a new classification head is initialised while loading
     model = _load(cfg, num_labels)
+    _check_positions(cfg, model, data)
     return tokenizer, data, model, num_labels
+
+
+def _check_positions(cfg: Config, model, data) -> None:
+    """Examples longer than a learned position table (BERT, DistilBERT, GPT-2) would index
+    past it in the first forward; say which setting to lower instead."""
+    config = getattr(model, "config", None)
+    table = getattr(config, "n_positions", None) or (
+        getattr(config, "max_position_embeddings", None) if getattr(config, "model_type", None) in (
+            "bert", "distilbert") else None)
+    if not table:
+        return
+    sets = [data.train] + ([data.val] if data.val else [])
+    longest = max((len(e["input_ids"]) for s in sets for e in s.examples), default=0)
+    if longest > table:
+        key = "data.block_size" if cfg.data.kind == "text" else "data.max_length"
+        raise ConfigError(f"{key}: examples of {longest} tokens, but {type(model).__name__} has {table} learned "
+                          f"positions; set {key} to at most {table}")
 
 
 def lora_config(cfg: Config) -> LoraConfig:
