@@ -101,8 +101,9 @@ def test_train_eval_merge_round_trip(run_config, tiny_bert, tmp_path):
     ('lora.target_modules=["qury"]', "closest: query"),
     ("model.gradient_checkpointing=true", "BertForSequenceClassification has no checkpointed layers"),
 ])
-def test_config_errors_are_one_line_with_exit_code_2(run_config, override, needle):
-    proc = run("train", run_config, "--set", override, "--no-progress")
+def test_config_errors_are_one_line_with_exit_code_2(run_config, override, needle, tmp_path):
+    # A fresh output.dir: the fixture's folder holds a finished run, which is an error of its own.
+    proc = run("train", run_config, "--set", override, "--set", f"output.dir={tmp_path / 'out'}", "--no-progress")
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len([l for l in lines if "error" in l]) == 1 and needle in lines[-1], proc.stderr

@@ -194,3 +194,48 @@ def test_gguf_metadata_out_of_its_domain_is_named_and_nothing_is_written(tmp_pat
     proc = run("import-gguf", tiny_llama(tmp_path, extra_kvs=kvs), out)
     one_line_error(proc, needle)
     assert not (out / "config.json").exists() and not (out / "model.safetensors").exists()
+
+
+# 2, 3, 12. the output folder belongs to one run
+
+
+def test_a_finished_runs_folder_is_not_reused_without_resume_or_overwrite(run_config, tmp_path):  # noqa: F811
+    out = tmp_path / "shared"
+    args = ("--set", f"output.dir={out}", "--set", "train.log_every=1", "--no-progress")
+    assert run("train", run_config, *args).returncode == 0
+    adapter = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    proc = run("train", run_config, *args, "--set", "train.lr=1e-2", "--set", "train.seed=3")
+    one_line_error(proc, "already holds a run")
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == adapter  # run A's adapter kept
+    proc = run("train", run_config, *args, "--set", "train.lr=1e-2", "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == sorted(set(steps))  # one record per step: the earlier run's log went with it
+
+
+def test_a_folder_in_use_is_refused_and_a_stale_lock_taken_over(run_config, tmp_path):  # noqa: F811
+    out = tmp_path / "locked"
+    out.mkdir()
+    lock = out / ".minilora-run.lock"
+    import socket
+
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "now"}))
+    proc = run("train", run_config, "--set", f"output.dir={out}", "--no-progress")
+    one_line_error(proc, f"pid {os.getpid()}")
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    lock.write_text(json.dumps({"pid": dead, "host": socket.gethostname(), "started": "then"}))
+    proc = run("train", run_config, "--set", f"output.dir={out}", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert f"stale lock of process {dead}" in proc.stdout + proc.stderr
+    assert not lock.exists()  # released at exit
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(run_config, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    args = ("--set", f"output.dir={out}", "--set", "train.save_every=4", "--no-progress")
+    assert run("train", run_config, *args).returncode == 0
+    proc = run("train", run_config, *args, "--set", f"train.resume_from={out}", "--set", "train.lr=1e-2")
+    one_line_error(proc, "train.lr")
+    proc = run("train", run_config, *args, "--set", f"train.resume_from={out}", "--set", "train.epochs=3")
+    assert proc.returncode == 0, proc.stderr  # training longer is what resuming is for

@@ -44,7 +44,7 @@ def _cmd_train(args) -> int:
     from ..train.run import run_training
 
     cfg = load_config(args.config, args.set)
-    run_training(cfg, progress=not args.no_progress)
+    run_training(cfg, progress=not args.no_progress, overwrite=args.overwrite)
     return 0
 
 
@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config value, e.g. --set train.lr=1e-3 (repeatable)")
         if name == "train":
             p.add_argument("--no-progress", action="store_true", help="no progress bar")
+            p.add_argument("--overwrite", action="store_true",
+                           help="output.dir holds an earlier run: remove its outputs and start afresh")
         else:
             p.add_argument("--adapter", default=None, help="adapter folder to evaluate (default: the base model)")
         p.set_defaults(func=func)

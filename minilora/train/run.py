@@ -10,6 +10,7 @@ Everything here is plumbing; the loop itself is minilora/train.py.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from ..models import grad_checkpoint
 from .batching import build_datasets
 from .config import Config, ConfigError
 from .loop import CLASSIFICATION, evaluate, train
+from .run_folder import RunLock, check_resume, claim, resumes_folder
 
 _TASK_TYPES = {"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM", "embedding": "FEATURE_EXTRACTION"}
 
@@ -119,8 +121,21 @@ def check_run_settings(cfg: Config) -> None:
         raise ConfigError(f"output.dir: {out} is a file, not a folder; choose a folder for the run's outputs")
 
 
-def run_training(cfg: Config, progress: bool = True, log=print) -> dict:
+def run_training(cfg: Config, progress: bool = True, log=print, overwrite: bool = False) -> dict:
+    """Train as the config says, into output.dir, which this run holds (run_folder.py):
+    locked while it runs, refused if it holds another run unless resuming it or `overwrite`."""
     check_run_settings(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 holds the folder
+        return _run_training(cfg, progress, log)
+    out = Path(cfg.output.dir)
+    with RunLock(out, log):
+        if cfg.train.resume_from is not None:
+            check_resume(cfg)
+        claim(out, resumes_folder(cfg.train.resume_from, out), overwrite, log)
+        return _run_training(cfg, progress, log)
+
+
+def _run_training(cfg: Config, progress: bool, log) -> dict:
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.toml", cfg.to_toml())
