@@ -239,3 +239,18 @@ def test_resume_refuses_a_checkpoint_of_another_config(run_config, tmp_path):  #
     one_line_error(proc, "train.lr")
     proc = run("train", run_config, *args, "--set", f"train.resume_from={out}", "--set", "train.epochs=3")
     assert proc.returncode == 0, proc.stderr  # training longer is what resuming is for
+
+
+# 9. integers where the model wants floats
+
+
+def test_an_integer_tensor_for_a_float_weight_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = save_tiny_bert_folder(tmp_path / "bert")
+    weights = load_file(folder / "model.safetensors")
+    key = next(k for k in weights if k.endswith("query.weight"))
+    weights[key] = weights[key].view(torch.int32)  # the same bytes, relabelled F32 -> I32
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"{key!r} is stored as torch.int32"):
+        minilora.load_model(folder, task="sequence-classification")

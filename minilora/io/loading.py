@@ -211,7 +211,7 @@ def _fill(model, shards, expected, tied, target_dtype, device, nf4: dict | None 
     parts = {k for ks in groups.values() for k in ks}
     locate = {k: file for file, keys in shards for k in keys}
 
-    def claim(ckpt_key, name, shape):
+    def claim(ckpt_key, name, shape, dtype=None, file=None):
         """Our name for this tensor, or None when it is a tied duplicate or has no place."""
         tied_copy = name in tied
         name = tied.get(name, name)
@@ -229,6 +229,10 @@ def _fill(model, shards, expected, tied, target_dtype, device, nf4: dict | None 
                 f"shape mismatch for {ckpt_key!r} (our {name!r}): checkpoint {tuple(shape)}, "
                 f"model {want}; config.json does not describe these weights{hint}"
             )
+        if dtype is not None and expected[name].is_floating_point() and not dtype.is_floating_point:
+            # A relabelled or damaged header: integers would load, then fail (or lie) in the forward.
+            raise ValueError(f"{file}: {ckpt_key!r} is stored as {dtype}, but {name!r} is a floating-point "
+                             "weight; the file is damaged or mislabelled, download or convert it again")
         filled.add(name)
         if tied_copy:
             filled_by_tie.add(name)
@@ -258,7 +262,7 @@ def _fill(model, shards, expected, tied, target_dtype, device, nf4: dict | None 
                 if converted is None:
                     dropped.append(ckpt_key)
                     continue
-                name = claim(ckpt_key, converted[0], converted[1].shape)
+                name = claim(ckpt_key, converted[0], converted[1].shape, converted[1].dtype, file)
                 if name is None:
                     continue
                 tensor = converted[1]
