@@ -254,3 +254,38 @@ def test_an_integer_tensor_for_a_float_weight_is_refused(tmp_path):
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=f"{key!r} is stored as torch.int32"):
         minilora.load_model(folder, task="sequence-classification")
+
+
+# 6. GGUF files that are inconsistent with themselves are refused, and nothing is written
+
+
+def test_overlapping_gguf_tensors_are_refused():
+    import struct
+
+    from minilora.io.gguf import GGUFError, GGUFReader
+    from test_gguf import STR, enc_value, header
+
+    def two_tensors_at(offsets):
+        infos = b"".join(enc_value(STR, n) + struct.pack("<IQIQ", 1, 8, 0, off) for n, off in zip("ab", offsets))
+        out = header(2, 0) + infos
+        return out + b"\0" * (-len(out) % 32) + bytes(64)
+
+    assert set(GGUFReader(two_tensors_at((0, 32))).tensors) == {"a", "b"}
+    with pytest.raises(GGUFError, match="'a' and 'b' overlap"):
+        GGUFReader(two_tensors_at((0, 0)))
+
+
+def test_a_lowered_tensor_count_or_a_foreign_eos_id_writes_nothing(tmp_path):
+    path = tiny_llama(tmp_path)
+    blob = bytearray(path.read_bytes())
+    blob[8:16] = (5).to_bytes(8, "little")  # tensor_count: 5 of the file's 21 tensors
+    short = tmp_path / "short.gguf"
+    short.write_bytes(bytes(blob))
+    proc = run("import-gguf", short, tmp_path / "a")
+    one_line_error(proc, "short.gguf")
+    assert not (tmp_path / "a" / "config.json").exists()
+    (tmp_path / "b").mkdir()
+    foreign_eos = tiny_llama(tmp_path / "b", extra_kvs=[("tokenizer.ggml.eos_token_id", 4, 9999)])
+    proc = run("import-gguf", foreign_eos, tmp_path / "c")
+    one_line_error(proc, "eos_token_id = 9999")
+    assert not (tmp_path / "c" / "config.json").exists()

@@ -258,6 +258,11 @@ class GGUFReader:
         self.data_start = -(-self._pos // self.alignment) * self.alignment
         for name, dims, gtype, offset in raw_infos:
             self._add_tensor(name, dims, gtype, offset)
+        # Two tensors sharing bytes would each read the other's values: refuse overlaps.
+        spans = sorted((info.offset, info.offset + info.nbytes, name) for name, info in self.tensors.items())
+        for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+            if start < end:
+                raise self._fail(f"tensors {first!r} and {second!r} overlap (bytes {start} to {end})")
 
     def _add_tensor(self, name: str, dims: tuple[int, ...], gtype: int, offset: int) -> None:
         if name in self.tensors:

@@ -200,9 +200,11 @@ def build_tokenizer(meta: dict) -> Tokenizer:
     bos, eos = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
-    for i, add in ((bos, add_bos), (eos, add_eos)):
-        if add and not (isinstance(i, int) and 0 <= i < len(tokens)):
-            raise GGUFError(f"GGUF asks to add token id {i!r}, which is not in the vocabulary")
+    for key in ("bos_token_id", "eos_token_id", "padding_token_id", "unknown_token_id"):
+        i = meta.get(f"tokenizer.ggml.{key}")
+        if i is not None and not (isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(tokens)):
+            raise GGUFError(f"GGUF metadata tokenizer.ggml.{key} = {i!r} is not an id in the vocabulary "
+                            f"of {len(tokens)} tokens")
     if add_bos or add_eos:
         single = " ".join(([f"{tokens[bos]}:0"] if add_bos else []) + ["$A:0"]
                           + ([f"{tokens[eos]}:0"] if add_eos else []))
@@ -310,6 +312,12 @@ def import_gguf(gguf_path, out_dir, dtype: torch.dtype = torch.float32, progress
         if "token_embd.weight" in reader.tensors:  # the weights, not the metadata, size the model
             config["vocab_size"] = reader.tensors["token_embd.weight"].shape[0]
         tok = build_tokenizer(meta)  # before any weight is written: fail fast on bad metadata
+        required = ["token_embd.weight", "output_norm.weight"] + [
+            f"blk.{i}.{part}.weight" for i in range(config["num_hidden_layers"]) for part in _LAYER_NAMES]
+        missing = [name for name in required if name not in reader.tensors]
+        if missing:  # a short tensor table (a lowered tensor_count) would write a folder that cannot load
+            raise GGUFError(f"{gguf_path}: {len(missing)} of the model's tensors are missing (first: "
+                            f"{', '.join(missing[:3])}); the file is truncated or not a complete llama model")
 
         # (hf_name, shape, gguf_name); Q/K keep their shape through the un-permute.
         plan = [(hf_tensor_name(name), info.shape, name) for name, info in reader.tensors.items()]
