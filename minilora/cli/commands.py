@@ -17,9 +17,9 @@ traceback is shown only with --debug.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
-from pathlib import Path
 
 from ..fast.lean_malloc import restart_with_lean_malloc
 from ..train.config import TrainingDiverged
@@ -81,10 +81,9 @@ def _cmd_generate(args) -> int:
 
 
 def _task_of_adapter(adapter_dir: str) -> str:
-    path = Path(adapter_dir) / "adapter_config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"adapter config not found: {path}")
-    task_type = json.loads(path.read_text()).get("task_type")
+    from ..lora.adapters import read_raw_config
+
+    task_type = read_raw_config(adapter_dir).get("task_type")
     return {"SEQ_CLS": "sequence-classification", "FEATURE_EXTRACTION": "embedding"}.get(task_type, "causal-lm")
 
 
@@ -223,6 +222,13 @@ def main(argv: list[str] | None = None) -> int:
         # The first line of every minilora error names the problem and the fix.
         print(f"minilora {args.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
               file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or args.debug:
+            raise
+        # What was being written is in e.filename; what was written before is intact (atomic writes).
+        print(f"minilora {args.command}: error: {e.strerror} while writing {e.filename or 'a file'}; "
+              "free space (or choose a writable folder) and run it again", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
         if args.debug:

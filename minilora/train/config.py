@@ -441,6 +441,8 @@ def load_config(path, overrides=()) -> Config:
         d = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
     base = path.resolve().parent
     for name, values in d.items():
         if name in SECTIONS and isinstance(values, dict):
