@@ -325,3 +325,23 @@ def test_a_full_disk_is_one_line_naming_the_file(monkeypatch, capsys, run_config
     assert commands.main(["train", str(run_config)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "No space left on device while writing /runs/x/adapter_model.safetensors" in err
+
+
+def test_gguf_with_a_non_finite_tensor_or_rope_base_writes_nothing(tmp_path):
+    import numpy as np
+
+    from minilora.io.gguf import GGUFReader
+
+    nan_file = tiny_llama(tmp_path)
+    with GGUFReader(nan_file) as reader:
+        info = reader.tensors["output_norm.weight"]
+        start, n = info.offset, info.nbytes
+    data = bytearray(nan_file.read_bytes())
+    data[start:start + n] = np.full(n // 4, np.nan, dtype=np.float32).tobytes()
+    nan_file.write_bytes(bytes(data))
+    proc = run("import-gguf", nan_file, tmp_path / "a")
+    one_line_error(proc, "'output_norm.weight' holds values that are not finite")
+    assert not (tmp_path / "a" / "config.json").exists() and not (tmp_path / "a" / "model.safetensors").exists()
+    (tmp_path / "r").mkdir()
+    proc = run("import-gguf", tiny_llama(tmp_path / "r", extra_kvs=[("llama.rope.freq_base", 6, 0.5)]), tmp_path / "b")
+    one_line_error(proc, "freq_base = 0.5")

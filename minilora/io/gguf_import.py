@@ -133,6 +133,8 @@ def llama_config(meta: dict, dtype: torch.dtype, tied: bool) -> dict:
     vocab = meta.get("llama.vocab_size") or len(need("tokenizer.ggml.tokens"))
     head_dim = meta.get("llama.attention.key_length") or hidden // n_head
     theta = _f32(meta.get("llama.rope.freq_base", 10000.0))
+    if not (math.isfinite(theta) and theta > 1):
+        raise GGUFError(f"GGUF metadata llama.rope.freq_base = {theta!r}; RoPE needs a finite base > 1")
     dtype_name = str(dtype).removeprefix("torch.")
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -287,6 +289,8 @@ def _write_safetensors(path: Path, plan: list, produce, dtype: torch.dtype, prog
             t = produce(item).to(dtype)
             if tuple(t.shape) != tuple(shape):
                 raise GGUFError(f"{hf_name}: produced shape {tuple(t.shape)}, expected {shape}")
+            if not torch.isfinite(t).all():  # NaN/inf scales or values: the model could only output NaN
+                raise GGUFError(f"tensor {item!r} holds values that are not finite (as {dtype}); the file is damaged")
             f.write(_tensor_bytes(t))
             del t
 
