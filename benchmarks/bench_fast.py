@@ -71,6 +71,13 @@ def lm_model(quick: bool) -> torch.nn.Module:
     return minilora.load_model(smollm2_hf_dir(), task="causal-lm", dtype=torch.float32)
 
 
+def lora_lm(quick: bool, dropout: float = 0.05) -> torch.nn.Module:
+    """The causal LM with bench_train_lm's LoRA: r=16, alpha=32 on all seven projections."""
+    model = lm_model(quick)
+    inject(model, LoraConfig(r=16, alpha=32, dropout=dropout, target_modules=LM_TARGETS))
+    return model
+
+
 def encoder_model(quick: bool) -> torch.nn.Module:
     if quick:
         torch.manual_seed(0)
@@ -187,8 +194,7 @@ def step_rows(label: str, configs: dict, batch: dict, task: str, repeats: int, h
 
 def child(kind: str, variant: str, quick: bool) -> dict:
     if kind == "adamw":
-        model = lm_model(quick)
-        inject(model, LoraConfig(r=16, alpha=32, target_modules=LM_TARGETS))
+        model = lora_lm(quick, dropout=0.0)
         before = common.rss_mb()
         opt = make_optimizer(model, 1e-4, 0.0, torch.device("cpu"), use_fast=variant == "fast")
         loss_of(model, lm_batch(model.config.vocab_size, True), "causal-lm").backward()
@@ -196,8 +202,7 @@ def child(kind: str, variant: str, quick: bool) -> dict:
         return {"kind": kind, "variant": variant, "rss_added_mb": common.rss_mb() - before,
                 "dynamo_imported": "torch._dynamo" in sys.modules}
     if kind == "lean_malloc":
-        model = lm_model(quick)
-        inject(model, LoraConfig(r=16, alpha=32, dropout=0.05, target_modules=LM_TARGETS))
+        model = lora_lm(quick)
         minilora.fast.enable(model)
         enable_checkpointing(model)
         batch = lm_batch(model.config.vocab_size, quick)
@@ -251,8 +256,7 @@ def run(quick: bool, repeats: int, cases=CASES) -> dict:
 
 
 def lm_rows(quick: bool, repeats: int) -> list[dict]:
-    lm = lm_model(quick)
-    inject(lm, LoraConfig(r=16, alpha=32, dropout=0.05, target_modules=LM_TARGETS))
+    lm = lora_lm(quick)
     lm_b = lm_batch(lm.config.vocab_size, quick)
     rows = step_rows("LM step, checkpointing off", configurations(lm), lm_b, "causal-lm", repeats)
     enable_checkpointing(lm)
@@ -267,10 +271,8 @@ def encoder_rows(quick: bool, repeats: int) -> list[dict]:
 
 
 def hold_rows(quick: bool, repeats: int) -> list[dict]:
-    lm = lm_model(quick)
-    inject(lm, LoraConfig(r=16, alpha=32, dropout=0.05, target_modules=LM_TARGETS))
-    lm_b = lm_batch(lm.config.vocab_size, quick)
-    fast_lm = copy.deepcopy(lm)
+    fast_lm = lora_lm(quick)
+    lm_b = lm_batch(fast_lm.config.vocab_size, quick)
     minilora.fast.enable(fast_lm)
     held = {"fast": fast_lm, "fast without hold_cpu_memory": copy.deepcopy(fast_lm)}
     timed = time_steps(held, lm_b, "causal-lm", repeats, hold={"fast without hold_cpu_memory": False})

@@ -1,4 +1,4 @@
-"""The `minilora` command line (`main.py`), the demo, and `minilora info`."""
+"""The `minilora` command line (`commands.py`), the demo (`demo.py`), and `minilora info` (`info.py`)."""
 
 from .commands import main
 

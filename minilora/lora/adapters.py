@@ -28,6 +28,7 @@ from torch import nn
 
 from ..io.atomic import atomic_write, atomic_write_text
 from ..io.safetensors_files import open_safetensors
+from ..io.text_files import utf8_errors_named
 from .config import LoraConfig
 from .inject import adapter_names, get_lora_config, inject, lora_state_dict
 from .modules_to_save import ModulesToSaveWrapper
@@ -117,11 +118,10 @@ def read_raw_config(directory: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"adapter config not found: {path} (an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        with utf8_errors_named(path):
+            raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}); it is not an adapter config") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path} holds a JSON {type(raw).__name__}, not the object of keys an adapter config is")
     for key in ("rank_pattern", "alpha_pattern"):

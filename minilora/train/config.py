@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..io.paths import PACKAGE_SCHEME, resolve_model_path
+from ..io.text_files import utf8_errors_named
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -438,11 +439,10 @@ def load_config(path, overrides=()) -> Config:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        d = tomllib.loads(path.read_text(encoding="utf-8"))
+        with utf8_errors_named(path, ConfigError):
+            d = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
     base = path.resolve().parent
     for name, values in d.items():
         if name in SECTIONS and isinstance(values, dict):

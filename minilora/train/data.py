@@ -26,13 +26,14 @@ batches in the order the trainer wants.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from ..io.text_files import utf8_errors_named
 
 IGNORE_INDEX = -100  # labels with this value carry no loss (torch's cross_entropy default)
 FORMATS = ("tsv", "csv", "jsonl", "json", "text")
@@ -61,21 +62,11 @@ def _check_file(path) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def _utf8(path: Path):
-    """Name the file when its bytes are not UTF-8 (the codec's error names only a byte)."""
-    try:
-        yield
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start} of a block read at once); "
-                         "save the file as UTF-8") from None
-
-
 def _json_records(path: Path, fmt: str):
     """Yield (where, record) from a JSON list or a JSONL file; `where` names the row."""
     if fmt == "json":
         try:
-            with _utf8(path):
+            with utf8_errors_named(path):
                 data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
@@ -87,7 +78,7 @@ def _json_records(path: Path, fmt: str):
         for i, rec in enumerate(data):
             yield f"{path}: item {i}", rec
         return
-    with _utf8(path), path.open(encoding="utf-8") as f:
+    with utf8_errors_named(path), path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -100,7 +91,7 @@ def _json_records(path: Path, fmt: str):
 
 def _delimited_rows(path: Path, fmt: str):
     """Yield (line_number, fields) for a TSV or CSV file, blank lines skipped."""
-    with _utf8(path), path.open(encoding="utf-8", newline="") as f:
+    with utf8_errors_named(path), path.open(encoding="utf-8", newline="") as f:
         if fmt == "tsv":
             # TSV has no quoting convention: GLUE's SST-2 has sentences that begin with
             # a '"' and the csv module would swallow the following lines into them.
@@ -366,7 +357,7 @@ def read_text(path, format: str = "auto", text_column: str = "text") -> list[str
     path = _check_file(path)
     fmt = detect_format(path, format)
     if fmt == "text":
-        with _utf8(path):
+        with utf8_errors_named(path):
             return [path.read_text(encoding="utf-8")]
     if fmt in ("json", "jsonl"):
         docs = []
