@@ -3,6 +3,12 @@
 The public API is small and stable; everything not re-exported here may change.
 """
 
+# First, before any computation: settle MKL's kernel choices while one thread runs
+# (models/vml_warmup.py), so that two runs with one seed give the same bits.
+from .models.vml_warmup import warm_up_vml
+
+warm_up_vml()
+
 from .io.generation import generate
 from .io.loading import load_model
 from .io.tokenizer import load_tokenizer

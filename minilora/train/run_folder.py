@@ -48,9 +48,9 @@ def _alive(pid: int) -> bool:
 class RunLock(contextlib.AbstractContextManager):
     """Hold `folder`'s run lock for the duration of a `with` block."""
 
-    def __init__(self, folder: str | os.PathLike, log=print):
+    def __init__(self, folder: str | os.PathLike, log=print, setting: str = "output.dir"):
         self.path = Path(folder) / LOCK_NAME
-        self.log = log
+        self.log, self.setting = log, setting  # `setting`: what the user changes to choose another folder
 
     def __enter__(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,9 +67,9 @@ class RunLock(contextlib.AbstractContextManager):
                              f"(started {holder.get('started', '?')}), which no longer runs")
                     self.path.unlink(missing_ok=True)
                     continue
-                raise ConfigError(f"output.dir {self.path.parent} is in use by another run (pid "
+                raise ConfigError(f"{self.setting} {self.path.parent} is in use by another run (pid "
                                   f"{holder.get('pid', '?')} on {holder.get('host', '?')}, started "
-                                  f"{holder.get('started', '?')}); wait for it to end or choose another output.dir "
+                                  f"{holder.get('started', '?')}); wait for it to end or choose another {self.setting} "
                                   f"(if no such run exists, delete {self.path})") from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
