@@ -375,3 +375,37 @@ def test_the_demo_holds_its_folder_and_replaces_only_a_demos_outputs(tmp_path):
     assert (demo / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((demo / DEMO_MARK).read_text())["accuracy_after"] == result["accuracy_after"]
     assert not (demo / ".minilora-run.lock").exists()
+
+
+# The base the issue found, kept: a run killed with SIGKILL resumes to the uninterrupted result
+
+
+def test_a_run_killed_at_any_moment_resumes_to_the_uninterrupted_adapter(run_config, tmp_path):  # noqa: F811
+    import signal
+    import subprocess
+    import time
+
+    from test_cli import MINILORA
+
+    args = ("--set", "train.epochs=30", "--set", "train.save_every=1", "--set", "train.log_every=1", "--no-progress")
+    whole = tmp_path / "whole"
+    assert run("train", run_config, "--set", f"output.dir={whole}", *args).returncode == 0
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([str(MINILORA), "train", str(run_config), "--set", f"output.dir={killed}", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (killed / "checkpoints" / "step-000005").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed: give it more steps"
+    # No checkpoint is ever half there: each one that exists loads.
+    for step in (killed / "checkpoints").glob("step-*"):
+        assert {p.name for p in step.iterdir()} == {"adapter_config.json", "adapter_model.safetensors",
+                                                    "trainer_state.json", "trainer_state.safetensors"}, step
+    resumed = run("train", run_config, "--set", f"output.dir={killed}", "--set", f"train.resume_from={killed}", *args)
+    assert resumed.returncode == 0, resumed.stderr
+    name = "adapter/adapter_model.safetensors"
+    assert (killed / name).read_bytes() == (whole / name).read_bytes()
+    losses = lambda d: [json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert losses(killed) == losses(whole)
