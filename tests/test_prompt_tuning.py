@@ -28,7 +28,7 @@ from minilora.lora.prompt_tuning import (
     load_prompt_tuning,
     save_prompt_tuning,
 )
-from minilora.train.run import run_eval, run_training
+from minilora.train.run import load_dtype, run_eval, run_training
 from tiny_models import batch, save_tiny_bert_folder, tiny_bert_cls, tiny_llama, write_sentiment_tsv
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -268,11 +268,12 @@ batch_size = 8
 lr = 3e-2
 log_every = 1
 save_every = 5
+precision = "fp32"  # peft's logits below are fp32's; bf16 runs are compared in test_precision.py
 [output]
 dir = "out"
 """)
     cfg = load_config(tmp_path / "run.toml")
-    before = minilora.load_model(tiny_bert_folder, task="sequence-classification").state_dict()
+    before = minilora.load_model(tiny_bert_folder, task="sequence-classification", dtype=load_dtype(cfg)).state_dict()
     result = run_training(cfg, progress=False, log=lambda *a: None)
     assert result["steps"] == 10 and set(result["eval"]) == {"loss", "accuracy", "macro_f1"}
     model = result["model"]

@@ -124,9 +124,17 @@ def _cmd_quantize(args) -> int:
 
 
 def _cmd_info(args) -> int:
+    import torch
+
+    from ..train.precision import choose
     from .info import describe
 
-    print(describe(args.dir))
+    if args.dir is not None:
+        print(describe(args.dir))
+    cuda = torch.cuda.is_available()
+    print(f"this machine: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{'CUDA' if cuda else 'CPU only'}; train.precision = \"auto\" would choose "
+          f"{choose('auto', 'cuda' if cuda else 'cpu').describe().removeprefix('precision: ')}")
     return 0
 
 
@@ -196,8 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compute-dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
     p.set_defaults(func=_cmd_quantize)
 
-    p = sub.add_parser("info", help="architecture, size, dtype and linear layers of a model folder")
-    p.add_argument("dir", help="HF model folder")
+    p = sub.add_parser("info", help="architecture, size, dtype and linear layers of a model folder, and what "
+                                    "train.precision = \"auto\" picks on this machine")
+    p.add_argument("dir", nargs="?", default=None, help="HF model folder (leave out for the machine alone)")
     p.set_defaults(func=_cmd_info)
     return parser
 

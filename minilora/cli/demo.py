@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ..io.atomic import atomic_write_text
+from ..train import precision
 from ..train.config import ConfigError
 from ..train.run_folder import RunLock, claim, existing_outputs
 
@@ -147,7 +148,7 @@ def _run(cfg, model_path: str, train_path: Path, dev_path: Path, out_dir: str, p
     from ..lora.inject import inject
     from ..lora.summary import parameter_table
     from ..train.loop import CLASSIFICATION, evaluate, train
-    from ..train.run import lora_config, prepare
+    from ..train.run import device_of, lora_config, prepare
 
     tokenizer, data, model, num_labels = prepare(cfg, log=lambda m: print(m))
     names = [SST2_NAMES.get(n, n) for n in data.label_names]
@@ -156,10 +157,14 @@ def _run(cfg, model_path: str, train_path: Path, dev_path: Path, out_dir: str, p
     print(parameter_table(model))
     print(f"data: {train_path} ({len(data.train.examples):,} sentences), {dev_path} ({len(data.val.examples):,})")
 
+    device = device_of(cfg)
+    chosen = precision.choose(cfg.train.precision, device, precision.frozen_dtype(model))
+    autocast = lambda: precision.autocast(chosen, device)  # noqa: E731
     width = max(map(len, EXAMPLES))
-    before = predict(model, tokenizer, EXAMPLES, names)
+    with autocast():
+        before = predict(model, tokenizer, EXAMPLES, names)
     _show("\nbefore training (random head, LoRA B = 0):", zip(EXAMPLES, before), width)
-    kw = dict(batch_size=64, pad_token_id=tokenizer.pad_token_id, num_labels=num_labels)
+    kw = dict(batch_size=64, pad_token_id=tokenizer.pad_token_id, num_labels=num_labels, autocast=autocast)
     acc_before = evaluate(model, data.val.examples, CLASSIFICATION, **kw)["accuracy"]
     print(f"dev accuracy before: {acc_before:.1%}\n")
 
@@ -173,7 +178,8 @@ def _run(cfg, model_path: str, train_path: Path, dev_path: Path, out_dir: str, p
     from ..lora.adapters import save_adapter
 
     adapter = save_adapter(model, Path(out_dir) / "adapter", base_model_name_or_path=str(model_path))
-    after = predict(model, tokenizer, EXAMPLES, names)
+    with autocast():
+        after = predict(model, tokenizer, EXAMPLES, names)
     print(f"\nafter training ({result['state'].step} steps):")
     for text, (b, _), (a, p) in zip(EXAMPLES, before, after):
         print(f"  {text:<{width}}  {b:>8} -> {a} ({p:.2f})")

@@ -24,8 +24,11 @@ fresh tensor that nothing saved, so no copy of it is made).
 The mask is drawn as in `minilora.fast.dropout` (16-bit uniforms; p rounded to a multiple of
 2^-16, kept values scaled by the exact 1 / (1 - p_drawn)).
 
-The branch runs in the adapter's dtype with autocast off: it is r columns wide, so
-fp32 costs little, and A and B get fp32 gradients whatever the base computes in.
+The branch runs with autocast off, in the adapter's dtype, except in a 16-bit step
+(train/precision.py), where x arrives in bf16: converting it (and W0 x) to fp32 and
+back would cost more than the branch, and keep an fp32 copy of x for the backward, so
+the branch multiplies in bf16 as autocast would, with A and B cast (r rows: cheap),
+and hands A and B their gradients in fp32.
 """
 
 from __future__ import annotations
@@ -38,13 +41,14 @@ from .dropout import apply_keep, dropout_keep_mask, keep_factor, keep_scale
 class _LoRADropoutBranch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, result, lora_a, lora_b, scaling: float, p: float):
-        # x: (..., in); result: (..., out), contiguous; both in the adapters' dtype.
+        # x: (..., in); result: (..., out), contiguous; both in the compute dtype: the
+        # adapters' own, or bf16/fp16 in a 16-bit step (A and B are then cast, r x in).
         with torch.autocast(device_type=x.device.type, enabled=False):
             keep = dropout_keep_mask(x.shape, p, x.device)
             c = keep_scale(p)
-            h = torch.mm(apply_keep(x, keep).reshape(-1, x.shape[-1]), lora_a.t()).mul_(c)
+            h = torch.mm(apply_keep(x, keep).reshape(-1, x.shape[-1]), lora_a.to(x.dtype).t()).mul_(c)
             # In place: W0 x is a fresh output nobody saved, so it needs no copy.
-            result.view(-1, result.shape[-1]).addmm_(h, lora_b.t(), alpha=scaling)
+            result.view(-1, result.shape[-1]).addmm_(h, lora_b.to(x.dtype).t(), alpha=scaling)
         ctx.mark_dirty(result)
         ctx.save_for_backward(x, keep, h, lora_a, lora_b)
         ctx.scaling, ctx.c = scaling, c
@@ -57,18 +61,19 @@ class _LoRADropoutBranch(torch.autograd.Function):
         s, c = ctx.scaling, ctx.c
         grad_x = grad_a = grad_b = None
         with torch.autocast(device_type=x.device.type, enabled=False):
-            g = grad_out.to(lora_b.dtype).reshape(-1, grad_out.shape[-1])
+            a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+            g = grad_out.to(x.dtype).reshape(-1, grad_out.shape[-1])
             if need_b:
-                grad_b = torch.mm(g.t(), h).mul_(s)
+                grad_b = torch.mm(g.t(), h).mul_(s).to(lora_b.dtype)
             if need_x or need_a:
-                dh = torch.mm(g, lora_b).mul_(s * c)  # c folded in: both uses need c dh
+                dh = torch.mm(g, b).mul_(s * c)  # c folded in: both uses need c dh
                 # The mask as 0/1 in x's dtype, converted once for both uses (a uint8
                 # operand would be converted inside each multiply).
                 m = keep_factor(keep).to(x.dtype) if need_a and need_x else keep_factor(keep)
                 if need_a:
-                    grad_a = torch.mm(dh.t(), (x * m).reshape(-1, x.shape[-1]))
+                    grad_a = torch.mm(dh.t(), (x * m).reshape(-1, x.shape[-1])).to(lora_a.dtype)
                 if need_x:
-                    grad_x = torch.mm(dh, lora_a).view(x.shape).mul_(m)
+                    grad_x = torch.mm(dh, a).view(x.shape).mul_(m)
         return grad_x, grad_out if need_result else None, grad_a, grad_b, None, None
 
 
@@ -79,7 +84,8 @@ def lora_dropout_update(x: torch.Tensor, result: torch.Tensor, lora_a: torch.Ten
     `result` is updated in place when it is a contiguous, non-view tensor of the adapters'
     dtype (the frozen layer's fresh output): do not pass a tensor you still need.
     """
-    dtype = lora_a.dtype
+    low = x.dtype in (torch.bfloat16, torch.float16) and lora_a.dtype == torch.float32
+    dtype = x.dtype if low else lora_a.dtype  # a 16-bit x is a 16-bit step's: stay in it
     result = result.to(dtype)
     if result._is_view() or not result.is_contiguous():
         # An in-place update of a view would rewrite its base's autograd history

@@ -14,7 +14,8 @@ YAML dependency), for example:
     lr = 5e-4
 
 Everything else has a default that works for the common case (LoRA r=8 on the model
-type's default modules, fp32 on CPU / bf16 autocast on CUDA, 5% of the training file
+type's default modules, a bf16 step where the hardware multiplies bf16 (CUDA, AMX / AVX-512
+BF16 CPUs) and fp32 elsewhere (train/precision.py), 5% of the training file
 held out for validation). `model.method` picks what trains: "lora" (the default,
 set up by [lora]) or "prompt_tuning" (a learned soft prompt, set up by
 [prompt_tuning]); the section of the other method must then be absent. Command-line overrides use the same TOML syntax:
@@ -68,7 +69,7 @@ class ConfigError(ValueError):
 class ModelSection:
     path: str                                 # HF model folder (config.json, safetensors, tokenizer)
     task: str = "causal-lm"
-    dtype: str = "auto"                       # weights' dtype on load; auto = as stored
+    dtype: str = "auto"                       # the frozen weights' dtype; auto: train.precision's
     num_labels: int | None = None             # unset: from the data's labels
     gradient_checkpointing: bool = False
     checkpoint_every: int = 1                 # with checkpointing: 1 in N layers (2: half the recompute, more memory)
@@ -139,7 +140,7 @@ class TrainSection:
     log_every: int = 10
     resume_from: str | None = None
     device: str = "auto"
-    precision: str = "auto"                   # auto: bf16 autocast on CUDA, fp32 on CPU
+    precision: str = "auto"                   # auto: bf16 on CUDA and bf16-capable CPUs, else fp32
     hold_cpu_memory: bool = True              # CPU, glibc: reuse freed memory across steps (fast/cpu_memory.py)
     fast: bool = True                         # minilora.fast: the same computation on faster paths; false: plain
 
@@ -388,6 +389,12 @@ def _cross_checks(cfg: Config) -> None:
                           "checkpointing; set model.gradient_checkpointing = true or remove checkpoint_every")
     if train.warmup_steps and train.warmup_ratio:
         raise ConfigError("train.warmup_steps and train.warmup_ratio are both set; keep one")
+    if train.precision == "fp32" and cfg.model.dtype in ("bfloat16", "float16"):
+        raise ConfigError(f'model.dtype = "{cfg.model.dtype}" holds the base in 16 bits, but train.precision = "fp32"; '
+                          'set model.dtype = "auto" (the base follows train.precision) or train.precision = "auto"')
+    if train.precision == "bf16" and cfg.model.dtype == "float16":
+        raise ConfigError('model.dtype = "float16" but train.precision = "bf16"; set model.dtype = "auto" or '
+                          '"bfloat16"')
     pt = cfg.prompt_tuning
     if pt.init == "text" and not pt.init_text:
         raise ConfigError('prompt_tuning.init = "text" needs prompt_tuning.init_text, a phrase describing the task '

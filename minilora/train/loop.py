@@ -45,6 +45,7 @@ from ..lora.trainable import save_trainable, trainable_state_dict
 from .batching import collate, make_batches, shard_batches
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainingDiverged
+from . import precision
 from .metrics import accuracy, confusion_matrix, macro_f1, perplexity
 from .schedule import lr_at, warmup_steps_for
 
@@ -225,8 +226,10 @@ def train(model: nn.Module, train_set: list[dict], eval_set: list[dict] | None, 
                           ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    chosen = precision.choose(args.precision, device, precision.frozen_dtype(model))
+    autocast = lambda: precision.autocast(chosen, device)  # noqa: E731
+    if rank == 0:
+        print(chosen.describe())
     out = Path(out_dir) if out_dir is not None and rank == 0 else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -234,6 +237,7 @@ def train(model: nn.Module, train_set: list[dict], eval_set: list[dict] | None, 
         num_labels = max(int(e["labels"]) for e in train_set) + 1
 
     torch.manual_seed(args.seed)
+    precision.trained_in_fp32(model)
     use_fast = getattr(args, "fast", True)
     if use_fast:
         fast.enable(model)

@@ -34,6 +34,7 @@ from ..lora.prompt_tuning import (
 from ..lora.prompt_tuning import parameter_table as prompt_parameter_table
 from ..lora.summary import parameter_table
 from ..models import grad_checkpoint
+from . import precision
 from .batching import build_datasets
 from .config import Config, ConfigError
 from .loop import CLASSIFICATION, evaluate, train
@@ -42,14 +43,29 @@ from .run_folder import RunLock, check_resume, claim, resumes_folder
 _TASK_TYPES = {"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM", "embedding": "FEATURE_EXTRACTION"}
 
 
+def device_of(cfg: Config) -> torch.device:
+    wanted = cfg.train.device
+    return torch.device(wanted if wanted != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def load_dtype(cfg: Config) -> str | torch.dtype:
+    """model.dtype, or with "auto" the dtype train.precision computes in (precision.py): a
+    bf16 step holds its frozen base in bf16, loaded so, never in fp32 first."""
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    return precision.choose(cfg.train.precision, device_of(cfg)).dtype
+
+
 def _load(cfg: Config, num_labels: int | None):
     kwargs = {}
+    dtype = load_dtype(cfg)
     if cfg.quant.method == "nf4":
+        compute = cfg.quant.compute_dtype if cfg.quant.compute_dtype != "auto" else dtype
         kwargs = dict(quantize="nf4", double_quant=cfg.quant.double_quant, blocksize=cfg.quant.blocksize,
-                      compute_dtype=cfg.quant.compute_dtype)
+                      compute_dtype=compute)
         if cfg.train.fast:  # quantize as the checkpoint is read with the fast codec too (same bytes)
             nf4_codec.install()
-    model = load_model(cfg.model.path, task=cfg.model.task, dtype=cfg.model.dtype,
+    model = load_model(cfg.model.path, task=cfg.model.task, dtype=dtype,
                        num_labels=num_labels if cfg.model.task == CLASSIFICATION else None, **kwargs)
     if cfg.model.gradient_checkpointing and not grad_checkpoint.enable(model, cfg.model.checkpoint_every):
         raise ConfigError(f"model.gradient_checkpointing = true, but {type(model).__name__} has no checkpointed "
@@ -177,6 +193,9 @@ def run_eval(cfg: Config, adapter: str | None = None, log=print) -> dict:
         model = load_prompt_tuning(model, adapter)
     elif adapter:
         load_adapter(model, adapter)
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
-    return evaluate(model.to(device), data.val.examples, cfg.model.task, batch_size=cfg.train.batch_size,
-                    pad_token_id=tokenizer.pad_token_id, num_labels=num_labels, device=device)
+    device = device_of(cfg)
+    chosen = precision.choose(cfg.train.precision, device, precision.frozen_dtype(model))
+    log(chosen.describe())
+    return evaluate(precision.trained_in_fp32(model).to(device), data.val.examples, cfg.model.task,
+                    batch_size=cfg.train.batch_size, pad_token_id=tokenizer.pad_token_id, num_labels=num_labels,
+                    device=device, autocast=lambda: precision.autocast(chosen, device))
