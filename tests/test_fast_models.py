@@ -213,3 +213,25 @@ def test_rerun_piece_skips_the_down_projection_and_keeps_the_gradients():
     model.gradient_checkpointing = False
     checkpoint(lambda i: model(i, attention_mask=mask, labels=labels).loss, ids).backward()
     assert rows == [12, 12]
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "v_proj", "down_proj"]])
+def test_rerun_piece_trains_a_batch_of_one_sequence(targets):
+    # A batch of one: F.linear on one row of it saved another shape than on the whole, and
+    # every checkpointed backward failed ("t() expects a tensor with <= 2 dimensions").
+    _, model = build_pair("llama_gqa")
+    inject(model, LoraConfig(r=4, alpha=8, target_modules=targets))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.05)
+    ids, mask, labels = (t[:1] for t in padded_batch("right"))
+    model.train().gradient_checkpointing = False
+    model.zero_grad()
+    model(ids, attention_mask=mask, labels=labels).loss.backward()
+    plain = grads(model)
+    rerun.install(model)
+    model.gradient_checkpointing = True
+    model.zero_grad()
+    model(ids, attention_mask=mask, labels=labels).loss.backward()
+    for name, g in grads(model).items():
+        torch.testing.assert_close(g, plain[name], rtol=1e-5, atol=1e-7, msg=name)

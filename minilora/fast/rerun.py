@@ -34,6 +34,14 @@ def frozen_linear(module: nn.Module) -> bool:
     return type(module) is nn.Linear and not any(p.requires_grad for p in module.parameters())
 
 
+def cuttable(x: torch.Tensor) -> bool:
+    """Whether F.linear on one_row(x) saves what it saves on x: x contiguous, and not a
+    batch of one sequence (torch then saves a tensor of another shape for the re-run's
+    product than for the first run's, and the backward fails: "t() expects a tensor with
+    <= 2 dimensions")."""
+    return x.is_contiguous() and (x.dim() != 3 or x.shape[0] > 1)
+
+
 def one_row(x: torch.Tensor) -> torch.Tensor:
     """x cut to its first row, contiguous: F.linear then saves what it saves for a contiguous x
     (for a strided 3-D input it would save a batched copy of W instead)."""
@@ -43,10 +51,10 @@ def one_row(x: torch.Tensor) -> torch.Tensor:
 def lora_forward_for_saved_tensors(layer: LoRALinear, x: torch.Tensor) -> None:
     """layer(x) for what autograd saves only: the frozen base on one row, the adapter added
     to zeros. DoRA (which uses W0 x), merged, disabled and mixed-batch layers, a base
-    that is not a frozen nn.Linear, and a strided x run forward in full."""
+    that is not a frozen nn.Linear, and an x that is not `cuttable` run forward in full."""
     adapter = layer.adapters.get(layer.active_adapter)
     if (layer.merged or layer.disabled or layer.row_adapters is not None or not frozen_linear(layer.base_layer)
-            or not x.is_contiguous() or (adapter is not None and adapter.lora_magnitude_vector is not None)):
+            or not cuttable(x) or (adapter is not None and adapter.lora_magnitude_vector is not None)):
         layer(x)
         return
     layer.base_layer(one_row(x))
@@ -58,8 +66,8 @@ def run_for_saved_tensors(layer: nn.Module, x: torch.Tensor) -> None:
     """layer(x) where only what autograd saves for the backward is wanted, not the output.
 
     A frozen nn.Linear runs on one row; a LoRALinear as lora_forward_for_saved_tensors says;
-    anything else, or a strided x, runs in full."""
-    if frozen_linear(layer) and x.is_contiguous():
+    anything else, or an x that is not `cuttable`, runs in full."""
+    if frozen_linear(layer) and cuttable(x):
         layer(one_row(x))
     elif isinstance(layer, LoRALinear):
         lora_forward_for_saved_tensors(layer, x)
