@@ -115,8 +115,11 @@ def child_minilora(job: dict) -> dict:
         tokenizer, ClassificationData(data["dev"]["texts"], data["dev"]["labels"], names), cfg.data.max_length)
     num_labels = len(names)
 
+    # fp32 on both sides: the Trainer here runs fp32, and train.precision = "auto" would pick
+    # bf16 on a CPU with AMX (train/precision.py). bf16 rows for this suite are still to come.
+    cfg.train.precision = "fp32"
     torch.manual_seed(cfg.train.seed)  # the new head's init
-    model = load_model(cfg.model.path, task=CLASSIFICATION, dtype=cfg.model.dtype, num_labels=num_labels)
+    model = load_model(cfg.model.path, task=CLASSIFICATION, dtype=torch.float32, num_labels=num_labels)
     torch.manual_seed(cfg.train.seed)  # the adapter's A, as run_training seeds it
     inject(model, lora_config(cfg))
 

@@ -13,7 +13,7 @@ what each number needs:
     AdamW moments and update        fp32
 
 bf16 has fp32's exponent range, so unlike fp16 it needs no loss scaling. On the CPU it
-pays only where the hardware multiplies bf16 natively (AMX-BF16, AVX-512 BF16: 4-8x
+pays only where the hardware multiplies bf16 natively (AMX-BF16, AVX-512 BF16: several times
 the fp32 rate through oneDNN); elsewhere torch emulates it and fp32 is faster, hence
 `[train] precision = "auto"`: bf16 on CUDA and on CPUs with those flags, else fp32.
 
