@@ -129,3 +129,20 @@ def test_the_bf16_lora_branch_keeps_bf16_activations_and_matches_float64(p):
         err = (got.grad.double() - ref.grad).abs().max() / ref.grad.abs().max()
         assert err < 2e-2, err
 
+
+
+@pytest.mark.parametrize("cpu, expect", [("fpu avx2", "precision: fp32 (auto: this CPU has neither"),
+                                         ("fpu amx_tile amx_bf16", "precision: bf16 (auto: this CPU has AMX-BF16)")])
+def test_generate_holds_the_model_as_auto_precision_chooses(tmp_path, cpu, expect):
+    import subprocess
+
+    from test_cli import MINILORA
+    from test_gguf import tiny_llama
+
+    folder = tmp_path / "model"
+    assert run("import-gguf", tiny_llama(tmp_path), folder).returncode == 0
+    env = {**os.environ, "MINILORA_CPU_FLAGS": cpu}
+    proc = subprocess.run([str(MINILORA), "generate", "--model", str(folder), "--no-chat", "--max-new-tokens", "3",
+                           "hello"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert expect in proc.stderr

@@ -60,13 +60,22 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_generate(args) -> int:
+    import torch
+
     from ..io.generation import generate
     from ..io.loading import load_model
     from ..io.tokenizer import load_tokenizer
     from ..lora.adapters import load_adapter
     from ..lora.prompt_tuning import is_prompt_tuning_adapter, load_prompt_tuning
 
-    model = load_model(args.model, task="causal-lm", dtype=args.dtype)
+    from ..train import precision
+
+    dtype = args.dtype
+    if dtype is None:  # as train.precision = "auto" (or --precision) would hold the base
+        chosen = precision.choose(args.precision, "cuda" if torch.cuda.is_available() else "cpu")
+        dtype = chosen.dtype
+        print(chosen.describe(), file=sys.stderr)
+    model = load_model(args.model, task="causal-lm", dtype=dtype)
     if args.adapter and is_prompt_tuning_adapter(args.adapter):
         model = load_prompt_tuning(model, args.adapter)
     elif args.adapter:
@@ -177,7 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="what the weights are held and multiplied in, as train.precision (default: auto, bf16 "
+                        "where the hardware multiplies it, else fp32)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16: overrides --precision")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("merge", help="merge an adapter into its base and write an HF folder")
