@@ -85,6 +85,9 @@ def choose(setting: str, device: torch.device | str, base_dtype: torch.dtype | N
     if setting != "auto":
         raise ValueError(f"train.precision must be \"auto\", \"bf16\" or \"fp32\", got {setting!r}")
     if low is not None:
+        by_hardware = choose(setting, device)
+        if by_hardware.dtype == low:  # loaded so because of the hardware (train/run.py): say why
+            return by_hardware
         return Precision(low, f"auto: the model was loaded in {str(low).removeprefix('torch.')}")
     if device.type == "cuda":
         return Precision(torch.bfloat16, "auto: CUDA")
