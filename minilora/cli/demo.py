@@ -136,12 +136,26 @@ def _claim_demo_folder(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a folder; choose a folder for the demo's outputs")
     found = existing_outputs(out)
-    if found and not (out / DEMO_MARK).is_file():
+    if found and not _holds_a_demo(out, found):
         raise ConfigError(f"--out {out} holds a run that is not a demo's ({', '.join(found)}); the demo replaces "
                           "only its own outputs: choose another --out")
     claim(out, resuming=False, overwrite=True, log=lambda m: None)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / DEMO_MARK, json.dumps({"demo": True}) + "\n")
+
+
+def _holds_a_demo(out: Path, found: list[str]) -> bool:
+    """demo.json, or a demo from before it: an adapter, its log and plot, and nothing that
+    `minilora train` writes (run.json, checkpoints, best/) beside them."""
+    if (out / DEMO_MARK).is_file():
+        return True
+    if not set(found) <= {"adapter", "metrics.jsonl", "loss.png"} or (out / "config.toml").exists():
+        return False
+    try:
+        base = json.loads((out / "adapter" / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return base == DEFAULT_MODEL
 
 
 def _run(cfg, model_path: str, train_path: Path, dev_path: Path, out_dir: str, progress: bool, start: float) -> dict:
