@@ -161,8 +161,8 @@ def _holds_a_demo(out: Path, found: list[str]) -> bool:
 def _run(cfg, model_path: str, train_path: Path, dev_path: Path, out_dir: str, progress: bool, start: float) -> dict:
     from ..lora.inject import inject
     from ..lora.summary import parameter_table
-    from ..train.loop import CLASSIFICATION, evaluate, train
-    from ..train.run import device_of, lora_config, prepare
+    from ..train.loop import CLASSIFICATION, evaluate, resolve_device, train
+    from ..train.run import lora_config, prepare
 
     tokenizer, data, model, num_labels = prepare(cfg, log=lambda m: print(m))
     names = [SST2_NAMES.get(n, n) for n in data.label_names]
@@ -171,7 +171,7 @@ def _run(cfg, model_path: str, train_path: Path, dev_path: Path, out_dir: str, p
     print(parameter_table(model))
     print(f"data: {train_path} ({len(data.train.examples):,} sentences), {dev_path} ({len(data.val.examples):,})")
 
-    device = device_of(cfg)
+    device = resolve_device(cfg.train.device)
     chosen = precision.choose(cfg.train.precision, device, precision.frozen_dtype(model))
     autocast = lambda: precision.autocast(chosen, device)  # noqa: E731
     width = max(map(len, EXAMPLES))

@@ -210,6 +210,11 @@ def _plot_loss(out_dir: Path, history: list) -> None:
     plt.close(fig)
 
 
+def resolve_device(setting: str | None) -> torch.device:
+    """`[train] device`: "auto" (or None) is CUDA when torch sees it, else the CPU."""
+    return torch.device(setting if setting not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def train(model: nn.Module, train_set: list[dict], eval_set: list[dict] | None, args, *, task: str,
           out_dir: str | os.PathLike | None = None, pad_token_id: int = 0, padding_side: str = "right",
           num_labels: int | None = None, progress: bool = True, keep_last: int | None = None,
@@ -222,8 +227,7 @@ def train(model: nn.Module, train_set: list[dict], eval_set: list[dict] | None, 
     {"state": TrainState, "eval": last metrics, "best": best metric, "history": per-step records}.
     """
     rank, world = _dist()
-    device = torch.device(args.device if args.device not in (None, "auto") else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     chosen = precision.choose(args.precision, device, precision.frozen_dtype(model))

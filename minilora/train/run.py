@@ -37,15 +37,10 @@ from ..models import grad_checkpoint
 from . import precision
 from .batching import build_datasets
 from .config import Config, ConfigError
-from .loop import CLASSIFICATION, evaluate, train
+from .loop import CLASSIFICATION, evaluate, resolve_device, train
 from .run_folder import RunLock, check_resume, claim, resumes_folder
 
 _TASK_TYPES = {"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM", "embedding": "FEATURE_EXTRACTION"}
-
-
-def device_of(cfg: Config) -> torch.device:
-    wanted = cfg.train.device
-    return torch.device(wanted if wanted != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def load_dtype(cfg: Config) -> str | torch.dtype:
@@ -53,7 +48,7 @@ def load_dtype(cfg: Config) -> str | torch.dtype:
     bf16 step holds its frozen base in bf16, loaded so, never in fp32 first."""
     if cfg.model.dtype != "auto":
         return cfg.model.dtype
-    return precision.choose(cfg.train.precision, device_of(cfg)).dtype
+    return precision.choose(cfg.train.precision, resolve_device(cfg.train.device)).dtype
 
 
 def _load(cfg: Config, num_labels: int | None):
@@ -193,7 +188,7 @@ def run_eval(cfg: Config, adapter: str | None = None, log=print) -> dict:
         model = load_prompt_tuning(model, adapter)
     elif adapter:
         load_adapter(model, adapter)
-    device = device_of(cfg)
+    device = resolve_device(cfg.train.device)
     chosen = precision.choose(cfg.train.precision, device, precision.frozen_dtype(model))
     log(chosen.describe())
     return evaluate(precision.trained_in_fp32(model).to(device), data.val.examples, cfg.model.task,
