@@ -20,7 +20,7 @@ from minilora.models.grad_checkpoint import checkpoint
 from minilora.models.llama import LlamaForCausalLM
 from test_models_llama_gpt2 import build_pair, padded_batch
 
-MODEL_PIECES = ["dropout", "attention", "unpad", "linear_ce", "rerun"]
+MODEL_PIECES = ["dropout", "attention", "unpad", "linear_ce", "rerun", "rms_norm"]
 
 
 def tiny_encoder(family: str, p: float = 0.1) -> nn.Module:

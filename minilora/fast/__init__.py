@@ -31,6 +31,7 @@ from . import (
     lora_layer,
     nf4_codec,
     rerun,
+    rms_norm,
     unpad,
 )
 from .swap import swap_class
@@ -43,6 +44,7 @@ PIECES = {
     "unpad": unpad,               # the encoders train on their real tokens only, not the padding
     "linear_ce": linear_ce,       # LM-head cross-entropy in chunks, the logits never whole
     "rerun": rerun,               # a checkpoint re-run skips the down projection's frozen product
+    "rms_norm": rms_norm,         # RMSNorm with a hand-written backward (a dozen passes fewer)
     "nf4_codec": nf4_codec,       # NF4 quantize/dequantize tuned for the CPU (process-wide, see below)
 }
 
