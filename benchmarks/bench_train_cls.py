@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_train_cls.py                  # 20,000 sentences, 1 epoch
     .venv/bin/python benchmarks/bench_train_cls.py --repeats 2      # minilora, hf, hf, minilora
     .venv/bin/python benchmarks/bench_train_cls.py --quick          # 512 sentences: a smoke test
+    .venv/bin/python benchmarks/bench_train_cls.py --stacks minilora,hf     # the fp32 pair only
 
 What is trained. Both stacks use the settings of examples/sst2_minilm.toml, read from
 that file: LoRA r=8, alpha=32, dropout 0.01 on query+value, a new 2-way classifier
@@ -37,6 +38,14 @@ false, it does not pay for most of the padding: a whole `run_training` at seed 1
 advantage (train_sampling_strategy="group_by_length") for a like-for-like comparison;
 it is off by default, which is the Trainer's default.
 
+Precision. Five stacks: minilora and hf in fp32; minilora-bf16 (`train.precision =
+"bf16"`: the encoder loaded in bf16, the adapters and the new head in fp32, the step and
+the evaluations under bf16 autocast); and transformers' two other CPU configurations,
+hf-bf16 (from_pretrained(dtype=bfloat16), the Trainer otherwise unchanged) and hf-autocast
+(fp32 weights, TrainingArguments(bf16=True), i.e. the Trainer's torch.autocast on CPU).
+minilora fp32 is compared with hf fp32; minilora-bf16 with the fastest of the three
+transformers rows, and with hf fp32 beside it.
+
 How it is measured. Every (stack, repeat) runs in its own FRESH Python process, so a
 peak belongs to that stack alone and nothing is cached between runs. The child times
 
@@ -52,8 +61,8 @@ and reads its memory at the end:
               libraries and model code): what the run itself added.
 
 Dev accuracy is measured before training (LoRA B = 0, so the base encoder with an
-untrained head) and after. Runs are interleaved (with --repeats 2: minilora, hf, hf,
-minilora) and the table shows medians over repeats. Children print one JSON line that
+untrained head) and after. Runs are interleaved (with --repeats 2 the stack list, then
+the list reversed) and the table shows medians over repeats. Children print one JSON line that
 the parent parses. Results: benchmarks/results/train_cls-<host>-<date>.json.
 Goals (printed, never asserted): train wall time <= 0.5x hf's, peak RSS <= 0.7x, dev
 accuracy >= hf's and >= 86%.
@@ -79,7 +88,14 @@ except ImportError:  # run as a script: benchmarks/ is sys.path[0]
 from minilora.fast.lean_malloc import restart_with_lean_malloc
 
 TOML = common.ROOT / "examples" / "sst2_minilm.toml"
-STACKS = ("minilora", "hf")
+STACKS = ("minilora", "hf", "minilora-bf16", "hf-bf16", "hf-autocast")
+# bf16 (issue 20): minilora-bf16 is `train.precision = "bf16"` (base in bf16, adapters and
+# head fp32, bf16 autocast); transformers in its three CPU configurations: hf (fp32),
+# hf-bf16 (from_pretrained(dtype=bfloat16)), hf-autocast (fp32 weights, TrainingArguments(bf16=True),
+# which on CPU runs the step under torch.autocast("cpu", bfloat16)).
+HF_CONFIGS = ("hf", "hf-bf16", "hf-autocast")
+# minilora row -> the transformers rows it is compared with (the fastest of them, and the first).
+PAIRS = {"minilora": ("hf",), "minilora-bf16": HF_CONFIGS}
 GOALS = {"train_time_ratio": 0.5, "peak_rss_ratio": 0.7, "min_accuracy": 0.86}
 QUICK_TRAIN, QUICK_DEV = 512, 256
 
@@ -91,7 +107,7 @@ def _ids_hash(rows: list[list[int]]) -> str:
 # --------------------------------------------------------------------------- children
 
 
-def child_minilora(job: dict) -> dict:
+def child_minilora(job: dict, stack: str = "minilora") -> dict:
     import torch
 
     from minilora.train.batching import classification_examples, make_batches
@@ -102,6 +118,7 @@ def child_minilora(job: dict) -> dict:
     from minilora.models import bert  # noqa: F401  (the model code, in the baseline as transformers' is)
     from minilora.train.run import lora_config
     from minilora.io.tokenizer import load_tokenizer
+    from minilora.train import precision
     from minilora.train.loop import CLASSIFICATION, evaluate, train
 
     baseline = common.rss_mb()
@@ -115,17 +132,20 @@ def child_minilora(job: dict) -> dict:
         tokenizer, ClassificationData(data["dev"]["texts"], data["dev"]["labels"], names), cfg.data.max_length)
     num_labels = len(names)
 
-    # fp32 on both sides: the Trainer here runs fp32, and train.precision = "auto" would pick
-    # bf16 on a CPU with AMX (train/precision.py). bf16 rows for this suite are still to come.
-    cfg.train.precision = "fp32"
+    # Pinned, not "auto" (which picks bf16 on a CPU with AMX): each row names its precision.
+    cfg.train.precision = "bf16" if stack == "minilora-bf16" else "fp32"
+    dtype = torch.bfloat16 if stack == "minilora-bf16" else torch.float32  # what run.load_dtype gives
     torch.manual_seed(cfg.train.seed)  # the new head's init
-    model = load_model(cfg.model.path, task=CLASSIFICATION, dtype=torch.float32, num_labels=num_labels)
+    model = load_model(cfg.model.path, task=CLASSIFICATION, dtype=dtype, num_labels=num_labels)
     torch.manual_seed(cfg.train.seed)  # the adapter's A, as run_training seeds it
     inject(model, lora_config(cfg))
+    precision.trained_in_fp32(model)  # as train() does, so the untrained head is evaluated in fp32 too
+    chosen = precision.Precision(dtype, "benchmark")
 
     def accuracy() -> float:
         return evaluate(model, dev_set.examples, CLASSIFICATION, batch_size=cfg.train.batch_size,
-                        pad_token_id=tokenizer.pad_token_id, num_labels=num_labels)["accuracy"]
+                        pad_token_id=tokenizer.pad_token_id, num_labels=num_labels,
+                        autocast=lambda: precision.autocast(chosen, torch.device("cpu")))["accuracy"]
 
     acc_before = accuracy()
     t0 = time.perf_counter()
@@ -141,7 +161,7 @@ def child_minilora(job: dict) -> dict:
     return {
         "padded_positions": sum(max(lengths[i] for i in b) * len(b) for b in batches),
         "real_tokens": sum(lengths),
-        "stack": "minilora", "acc_before": acc_before, "acc_after": acc_after, "train_s": train_s,
+        "stack": stack, "acc_before": acc_before, "acc_after": acc_after, "train_s": train_s,
         "steps": result["state"].step, "mean_train_loss": sum(losses) / len(losses),
         "baseline_rss_mb": baseline, "train_ids_hash": _ids_hash([e["input_ids"] for e in train_set.examples]),
         "torch_threads": torch.get_num_threads(),
@@ -174,7 +194,7 @@ class CountingCollator:
         return batch
 
 
-def child_hf(job: dict) -> dict:
+def child_hf(job: dict, stack: str = "hf") -> dict:
     import torch
     import transformers
     import transformers.models.bert.modeling_bert  # noqa: F401  (imported lazily otherwise: keep it in the baseline)
@@ -196,7 +216,8 @@ def child_hf(job: dict) -> dict:
     num_labels = len(data["label_names"])
 
     transformers.set_seed(s["seed"])
-    model = AutoModelForSequenceClassification.from_pretrained(job["model_dir"], num_labels=num_labels)
+    weights = torch.bfloat16 if stack == "hf-bf16" else torch.float32
+    model = AutoModelForSequenceClassification.from_pretrained(job["model_dir"], num_labels=num_labels, dtype=weights)
     model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=s["r"], lora_alpha=s["alpha"],
                                              lora_dropout=s["dropout"], target_modules=s["target_modules"]))
     collator = CountingCollator(DataCollatorWithPadding(tokenizer))
@@ -209,7 +230,9 @@ def child_hf(job: dict) -> dict:
         for start in range(0, len(dev_set), s["batch_size"]):
             batch = collator([dev_set[i] for i in range(start, min(start + s["batch_size"], len(dev_set)))])
             labels = batch.pop("labels")
-            correct += int((model(**batch).logits.argmax(-1) == labels).sum())
+            # The Trainer's own evaluation runs under its autocast when bf16=True.
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=stack == "hf-autocast"):
+                correct += int((model(**batch).logits.argmax(-1) == labels).sum())
         model.train(was_training)
         return correct / len(dev_set)
 
@@ -220,7 +243,7 @@ def child_hf(job: dict) -> dict:
             num_train_epochs=s["epochs"], lr_scheduler_type="linear", warmup_steps=s["warmup_steps"],
             weight_decay=s["weight_decay"], max_grad_norm=s["max_grad_norm"], eval_strategy="no",
             save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, seed=s["seed"],
-            disable_tqdm=True)
+            disable_tqdm=True, bf16=stack == "hf-autocast")
         trainer = Trainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
                           processing_class=tokenizer)
         acc_before = accuracy()
@@ -232,7 +255,7 @@ def child_hf(job: dict) -> dict:
         acc_after = accuracy()
     return {
         "padded_positions": padded_positions, "real_tokens": real_tokens,
-        "stack": "hf", "acc_before": acc_before, "acc_after": acc_after, "train_s": train_s,
+        "stack": stack, "acc_before": acc_before, "acc_after": acc_after, "train_s": train_s,
         "steps": output.global_step, "mean_train_loss": output.training_loss, "baseline_rss_mb": baseline,
         "train_ids_hash": _ids_hash([r["input_ids"] for r in train_set.rows]),
         "torch_threads": torch.get_num_threads(),
@@ -241,7 +264,7 @@ def child_hf(job: dict) -> dict:
 
 def child(stack: str, job_path: str) -> dict:
     job = json.loads(Path(job_path).read_text())
-    row = child_minilora(job) if stack == "minilora" else child_hf(job)
+    row = child_minilora(job, stack) if stack.startswith("minilora") else child_hf(job, stack)
     peak = common.peak_rss_mb()
     return {**row, "total_s": time.perf_counter() - T_START, "peak_rss_mb": peak,
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
@@ -305,7 +328,7 @@ def parse_args(argv=None):
     p.add_argument("--max-train", type=int, default=20000, help="training sentences (seeded subset of train.tsv)")
     p.add_argument("--max-dev", type=int, default=None, help="dev sentences (default: all 872)")
     p.add_argument("--quick", action="store_true", help=f"smoke test: {QUICK_TRAIN} training, {QUICK_DEV} dev sentences")
-    p.add_argument("--stacks", default="minilora,hf", help="comma-separated, in first-round run order")
+    p.add_argument("--stacks", default=",".join(STACKS), help="comma-separated, in first-round run order")
     p.add_argument("--repeats", type=int, default=1, help="fresh processes per stack (medians reported)")
     p.add_argument("--order", choices=("alternate", "fixed"), default="alternate",
                    help="alternate: reverse the stack order every other repeat")
@@ -326,7 +349,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
     if args.child:
-        if args.child[0] == "minilora":
+        if args.child[0].startswith("minilora"):
             restart_with_lean_malloc()  # as the `minilora` command starts (bench_train_lm.py says more)
         common.print_result(child(*args.child))
         return None
@@ -361,33 +384,46 @@ def main(argv=None) -> dict | None:
 
     by = {r["stack"]: r for r in rows}
     ratios, verdicts = {}, {}
-    if "minilora" in by and "hf" in by:
-        ours, hf = by["minilora"], by["hf"]
-        ratios = {
-            "train_time": common.ratio(ours["train_s"], hf["train_s"]),
+
+    def mark(ok):
+        return "meets" if ok else "MISSES"
+
+    for mine, theirs in PAIRS.items():
+        hf_rows = [by[t] for t in theirs if t in by]
+        if mine not in by or not hf_rows:
+            continue
+        ours = by[mine]
+        # The fastest transformers configuration, and beside it the first (fp32).
+        hf, first = min(hf_rows, key=lambda r: r["train_s"]), hf_rows[0]
+        r = {
+            "against": hf["stack"], "train_time": common.ratio(ours["train_s"], hf["train_s"]),
             "total_time": common.ratio(ours["total_s"], hf["total_s"]),
             "peak_rss": common.ratio(ours["peak_rss_mb"], hf["peak_rss_mb"]),
             "peak_above_baseline": common.ratio(ours["peak_above_baseline_mb"], hf["peak_above_baseline_mb"]),
+            "against_first": first["stack"], "train_time_vs_first": common.ratio(ours["train_s"], first["train_s"]),
+            "peak_rss_vs_first": common.ratio(ours["peak_rss_mb"], first["peak_rss_mb"]),
         }
-        verdicts = {
-            "train_time": ratios["train_time"] <= GOALS["train_time_ratio"],
-            "peak_rss": ratios["peak_rss"] <= GOALS["peak_rss_ratio"],
+        v = {
+            "train_time": r["train_time"] <= GOALS["train_time_ratio"],
+            "peak_rss": r["peak_rss"] <= GOALS["peak_rss_ratio"],
             "accuracy": ours["acc_after"] >= hf["acc_after"] and ours["acc_after"] >= GOALS["min_accuracy"],
         }
-
-        def mark(ok):
-            return "meets" if ok else "MISSES"
-
-        print(f"\nminilora / hf   train time {ratios['train_time']:.2f}x  (goal <= {GOALS['train_time_ratio']}x: "
-              f"{mark(verdicts['train_time'])});  total time {ratios['total_time']:.2f}x")
-        print(f"                peak RSS   {ratios['peak_rss']:.2f}x  (goal <= {GOALS['peak_rss_ratio']}x: "
-              f"{mark(verdicts['peak_rss'])});  above baseline {ratios['peak_above_baseline']:.2f}x")
-        print(f"                accuracy   {ours['acc_after']:.4f} vs {hf['acc_after']:.4f}  (goal >= hf's and >= "
-              f"{GOALS['min_accuracy']:.0%}: {mark(verdicts['accuracy'])})")
+        ratios[mine], verdicts[mine] = r, v
+        pad = " " * (len(mine) + len(hf["stack"]) + 6)
+        print(f"\n{mine} / {hf['stack']}   train time {r['train_time']:.2f}x  (goal <= {GOALS['train_time_ratio']}x: "
+              f"{mark(v['train_time'])});  total time {r['total_time']:.2f}x")
+        print(f"{pad}peak RSS   {r['peak_rss']:.2f}x  (goal <= {GOALS['peak_rss_ratio']}x: "
+              f"{mark(v['peak_rss'])});  above baseline {r['peak_above_baseline']:.2f}x")
+        print(f"{pad}accuracy   {ours['acc_after']:.4f} vs {hf['acc_after']:.4f}  (goal >= theirs and >= "
+              f"{GOALS['min_accuracy']:.0%}: {mark(v['accuracy'])})")
+        if first is not hf:
+            print(f"{pad}against {first['stack']} (fp32): train time {r['train_time_vs_first']:.2f}x, "
+                  f"peak RSS {r['peak_rss_vs_first']:.2f}x")
+    if "minilora" in runs and "hf" in runs and runs["minilora"] and runs["hf"]:
         same = {r["train_ids_hash"] for s in ("minilora", "hf") for r in runs[s]}
-        print(f"                token ids of the training set identical in both stacks: {len(same) == 1}")
+        print(f"\ntoken ids of the training set identical in both stacks: {len(same) == 1}")
         pad = {s: runs[s][0] for s in ("minilora", "hf")}
-        print("                padded token positions in the epoch: " + ", ".join(
+        print("padded token positions in the epoch: " + ", ".join(
             f"{s} {r['padded_positions']:,} ({1 - r['real_tokens'] / r['padded_positions']:.0%} padding)"
             for s, r in pad.items()))
 

@@ -168,3 +168,22 @@ def test_bench_fast_times_every_piece_against_the_plain_path(tmp_path):
     children = {(c["kind"], c["variant"]): c for c in record["children"]}
     assert set(children) == {(k, v) for k in ("adamw", "lean_malloc") for v in ("plain", "fast")}
     assert children[("adamw", "plain")]["dynamo_imported"] and not children[("adamw", "fast")]["dynamo_imported"]
+
+
+
+def test_bench_fast_runs_the_pieces_in_bf16(tmp_path):
+    """--precision bf16: the same rows on a bf16 base with fp32 adapters under autocast,
+    every configuration's loss checked against the plain one first."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_fast
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    out = tmp_path / "fast-bf16.json"
+    record = bench_fast.main(["--quick", "--repeats", "1", "--precision", "bf16", "--cases", "lm,encoder",
+                              "--out", str(out)])
+    assert record["precision"] == "bfloat16" and not record["children"]
+    configs = {(row["case"], row["config"]) for row in record["rows"]}
+    assert ("LM step, checkpointing off", "fast without rms_norm") in configs
+    assert ("encoder step", "fast without unpad") in configs
+    assert all(row["step_s"] > 0 and row["loss_rel_diff"] < 1e-2 for row in record["rows"])

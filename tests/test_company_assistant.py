@@ -40,7 +40,7 @@ def test_dataset_files_are_well_formed_and_held_out_questions_are_unseen():
     company = [r for r in train if r["expected"] != "REFUSAL"]
     unrelated = [r for r in train if r["expected"] == "REFUSAL"]
     facts = Counter(r["expected"] for r in company)
-    assert 110 <= len(company) <= 160 and len(unrelated) >= 75
+    assert 110 <= len(company) <= 170 and len(unrelated) >= 75
     assert len(facts) >= 25 and min(facts.values()) >= 4  # every fact asked several ways
     for r in company:
         answer = r["messages"][-1]["content"]

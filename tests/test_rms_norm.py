@@ -79,7 +79,23 @@ def test_gradcheck_on_input_and_gain():
     assert torch.autograd.gradcheck(lambda x, w: torch.func.functional_call(norm, {"weight": w}, (x,)), (x, w))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_function_gradients_match_float64_in_fp32():
+    # The hand-written backward's math, checked tightly where rounding is small (the module
+    # sends fp32 to the plain ops, but the function computes any float dtype).
+    from minilora.fast.rms_norm import _RMSNormFunction
+
+    g = torch.Generator().manual_seed(5)
+    w = (torch.rand(48, generator=g) + 0.5).requires_grad_()
+    x = (torch.randn(3, 7, 48, generator=g) * 3).requires_grad_()
+    grad = torch.randn(3, 7, 48, generator=g)
+    _RMSNormFunction.apply(x, w, 1e-5).backward(grad)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    textbook(x64, w64, 1e-5).backward(grad.double())
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fast_backward_is_as_accurate_as_autograd_through_the_plain_ops(dtype):
     # Both against float64 on a row as wide as SmolLM2's: the hand-written backward may
     # round differently, not worse (its error at most 1.5x the plain one's, or 1 ulp).
@@ -97,6 +113,7 @@ def test_fast_backward_is_as_accurate_as_autograd_through_the_plain_ops(dtype):
             norm.weight.copy_(w)
         xi = x.clone().requires_grad_()
         y = norm(xi)
+        assert (y.grad_fn.name() == "_RMSNormFunctionBackward") == (kind == "fast")
         y.backward(grad)
         assert xi.grad.dtype == dtype and norm.weight.grad.dtype == dtype
         errors[kind] = ((xi.grad.double() - x64.grad).abs().max().item(),
@@ -107,7 +124,10 @@ def test_fast_backward_is_as_accurate_as_autograd_through_the_plain_ops(dtype):
     assert errors["fast"][1] <= max(1.5 * errors["plain"][1], wulp), errors
 
 
-def test_fast_norm_leaves_mixed_dtypes_and_fp64_to_the_plain_ops():
+def test_fast_norm_leaves_fp32_mixed_dtypes_and_fp64_to_the_plain_ops():
+    # fp32 takes the plain ops (where the hand-written backward does not win).
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    assert FastRMSNorm(8, 1e-5)(x).grad_fn.name() != "_RMSNormFunctionBackward"
     # A trained fp32 gain on a bf16 activation promotes to fp32 in the plain module; the
     # fast one must give the same thing, not a bf16 result.
     g = torch.Generator().manual_seed(4)

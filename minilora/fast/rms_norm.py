@@ -1,4 +1,4 @@
-"""RMSNorm as one autograd function: the backward in five passes over the rows, not a dozen.
+"""RMSNorm as one autograd function in a 16-bit step: five passes over the rows, not a dozen.
 
 RMSNorm (Zhang & Sennrich, 2019, eq. 4) with gain w over a row x of d numbers:
 
@@ -17,9 +17,12 @@ so the backward keeps x and r (one number a row) and computes u, the row dots u 
 The forward is the plain module's op for op, so the two give bit-identical outputs;
 the gradients agree to rounding (tests/test_rms_norm.py checks both against float64).
 
-Only a row whose weight has the input's dtype (fp32, bf16, fp16) takes this path: a
-trained fp32 gain on a bf16 activation (mixed dtypes) and fp64 stay on the plain
-module, whose type promotion they rely on.
+Only a 16-bit input (bf16, fp16) whose gain has its dtype takes this path, the case of a
+bf16 step (train/precision.py), where autograd's version converts each op's gradient
+between bf16 and fp32. In fp32 the two backwards take the same time within noise
+(benchmarks/bench_fast.py, RESULTS.md "Fast pieces"), so fp32, fp64 and a trained fp32
+gain on a bf16 activation (mixed dtypes, which rely on the plain module's type
+promotion) stay on the plain module.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from torch import nn
 from ..models.rms_norm import RMSNorm
 from .swap import swap_class
 
-_FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FAST_DTYPES = (torch.bfloat16, torch.float16)
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -67,5 +70,5 @@ class FastRMSNorm(RMSNorm):
 
 
 def install(model: nn.Module) -> int:
-    """Every RMSNorm in `model` runs the hand-written backward."""
+    """Every RMSNorm in `model` runs the hand-written backward on 16-bit input."""
     return sum(swap_class(m, RMSNorm, FastRMSNorm) for m in model.modules())
