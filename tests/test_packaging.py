@@ -1,4 +1,5 @@
-"""The package as users install it: six runtime dependencies, kernels/ as minilora.kernels."""
+"""The package as users install it: six runtime dependencies (and jinja2, which torch
+installs, for chat templates), kernels/ as minilora.kernels."""
 
 import ast
 import importlib
@@ -9,16 +10,20 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNTIME = {"torch", "safetensors", "tokenizers", "numpy", "tqdm", "triton"}
-PEERS = {"transformers", "peft", "bitsandbytes", "accelerate", "datasets", "jinja2", "yaml", "matplotlib"}
+RUNTIME = {"torch", "safetensors", "tokenizers", "numpy", "tqdm", "triton", "jinja2"}
+PEERS = {"transformers", "peft", "bitsandbytes", "accelerate", "datasets", "yaml", "matplotlib"}
 
 
-def test_runtime_dependencies_are_exactly_the_core_six():
+def test_runtime_dependencies_are_exactly_the_core_six_and_jinja2():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     names = {dep.split(";")[0].strip().split("=")[0].split(">")[0].split("<")[0] for dep in project["dependencies"]}
     assert names == RUNTIME
     triton = next(d for d in project["dependencies"] if d.startswith("triton"))
     assert "sys_platform == 'linux'" in triton
+    # jinja2 is one of torch's own requirements, so declaring it adds nothing to install.
+    import importlib.metadata as md
+
+    assert any(r.lower().startswith("jinja2") for r in md.requires("torch"))
     assert {"transformers", "peft", "bitsandbytes"} <= set(project["optional-dependencies"]["dev"])
     assert project["scripts"]["minilora"] == "minilora.cli:main"
 

@@ -170,10 +170,14 @@ def test_minilm_decode_matches_transformers(minilm):
             assert ours.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
 
 
-def test_no_chat_template_is_a_clear_error(minilm):
-    ours, _ = minilm
-    with pytest.raises(ValueError, match="no chat template.*format prompts yourself"):
-        ours.apply_chat_template([{"role": "user", "content": "hi"}])
+def test_no_chat_template_falls_back_to_chatml_and_says_so(tmp_path):
+    path = copy_tokenizer(tmp_path, chat_template=None)
+    ours = load_tokenizer(path)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    with pytest.warns(UserWarning, match=f"{tmp_path}.*no chat template.*ChatML.*chat_template.jinja"):
+        text = ours.apply_chat_template(msgs)
+    assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert ours.apply_chat_template(msgs, add_generation_prompt=False) == text[:-len("<|im_start|>assistant\n")]
 
 
 def copy_tokenizer(tmp_path, **config_changes) -> Path:
@@ -221,10 +225,10 @@ def test_add_bos_token_follows_tokenizer_json_and_pad_falls_back_to_eos(tmp_path
     assert ours.encode("hi") == [ours.bos_token_id] + ours.encode("hi", add_special_tokens=False)
 
 
-def test_unknown_template_and_missing_files(tmp_path):
+def test_broken_template_and_missing_files(tmp_path):
     (tmp_path / "t").mkdir()
-    ours = load_tokenizer(copy_tokenizer(tmp_path / "t", chat_template="{{ messages }}"))
-    with pytest.raises(ValueError, match="ChatML.*Llama-2"):
+    ours = load_tokenizer(copy_tokenizer(tmp_path / "t", chat_template="{% for m in messages %}{{ m.content }"))
+    with pytest.raises(ValueError, match=f"{tmp_path / 't' / 'tokenizer_config.json'}.*does not compile, line 1"):
         ours.apply_chat_template([{"role": "user", "content": "hi"}])
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_tokenizer(tmp_path / "nowhere")
@@ -239,5 +243,7 @@ def test_chat_template_jinja_file_takes_priority(tmp_path):
     (path / "chat_template.jinja").write_text(LLAMA2_TEMPLATE)
     ours, hf = load_tokenizer(path), AutoTokenizer.from_pretrained(path)
     msgs = [{"role": "user", "content": "hi"}]
-    assert ours.chat_format() == "llama2"
     assert ours.apply_chat_template(msgs) == hf.apply_chat_template(msgs, tokenize=False)
+    assert "[INST] hi [/INST]" in ours.apply_chat_template(msgs)
+    with pytest.raises(ValueError, match=f"{path / 'chat_template.jinja'}: Conversation roles must alternate"):
+        ours.apply_chat_template([{"role": "assistant", "content": "x"}])

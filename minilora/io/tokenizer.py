@@ -12,36 +12,34 @@ and its post-processor wraps every sequence in [CLS] ... [SEP]. Byte-level BPE
 (GPT-2, Llama-3, SmolLM2, Qwen2) maps each UTF-8 byte to a printable character and
 merges frequent pairs, so any text round-trips through encode/decode exactly.
 
-Chat templates are Jinja programs in the HF world. minilora has no Jinja dependency,
-so `apply_chat_template` re-implements the two conventions it supports by hand and
-uses the template string only to pick the convention (and, for ChatML, to read the
-default system prompt some models inject when a conversation has none):
-
-    ChatML (SmolLM2, Qwen2)  <|im_start|>{role}\\n{content}<|im_end|>\\n ... <|im_start|>assistant\\n
-    Llama-2                  <s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s>
+Chat templates are Jinja programs that ship with the model (chat_template in
+tokenizer_config.json, or chat_template.jinja, which wins). `apply_chat_template` runs
+the model's own template in jinja2's sandbox as transformers does (chat_template.py),
+so every family's format, and a fine-tune's edit of it, renders exactly.
 """
 
 from __future__ import annotations
 
 import json
-import re
+import warnings
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer as _Backend
 from tokenizers import processors
 
+from .chat_template import render
 from .paths import resolve_model_path
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
                       "cls_token", "mask_token")
 VERY_LARGE_LENGTH = int(1e30)  # transformers' "no limit" model_max_length
 
-# In a ChatML template, a literal system turn such as
-#   '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n'
-# is the default prompt injected when the first message is not a system message.
-# The body may not contain quotes or braces, so `'\n' + message['content'] + '` never matches.
-_CHATML_DEFAULT_SYSTEM = re.compile(r"<\|im_start\|>system(?:\\n|\n)([^'\"{}]*?)<\|im_end\|>")
+# The format for a folder that ships no template: ChatML, transformers' old class default.
+CHATML_TEMPLATE = ("{% for message in messages %}"
+                   "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+                   "{% endfor %}"
+                   "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
 def _token_content(value) -> str | None:
@@ -68,6 +66,7 @@ class Tokenizer:
         self.truncation_side = config.get("truncation_side", "right")
         self.padding_side = config.get("padding_side", "right")
         self.chat_template = config.get("chat_template")
+        self._warned_chatml = False
         self.add_bos_token = bool(config.get("add_bos_token", False))
         self.add_eos_token = bool(config.get("add_eos_token", False))
         self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False))
@@ -228,60 +227,36 @@ class Tokenizer:
             t = next((x.get("template") for x in t if x.get("name") == "default"), None)
         return t
 
-    def chat_format(self) -> str:
-        """'chatml' or 'llama2', read off the chat template string."""
-        t = self._template()
-        if not t:
-            raise ValueError(
-                "this model has no chat template (no 'chat_template' in tokenizer_config.json). "
-                "It is probably a base model: format prompts yourself, e.g. "
-                "f'{instruction}\\n\\n{input}\\n\\n' and tokenize that string with encode().")
-        if "<|im_start|>" in t:
-            return "chatml"
-        if "[INST]" in t:
-            return "llama2"
-        raise ValueError("unsupported chat template: minilora renders ChatML (<|im_start|>) "
-                         "and Llama-2 ([INST]) templates only; format the prompt manually.")
+    def template_variables(self) -> dict:
+        """The named special tokens a template sees (bos_token, eos_token, ...), as transformers passes them."""
+        return {key: getattr(self, key) for key in SPECIAL_TOKEN_KEYS if getattr(self, key) is not None}
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            tokenize: bool = False):
-        """Render `[{"role", "content"}, ...]` like the model's template; ids if tokenize."""
-        fmt = self.chat_format()
-        text = (self._chatml(messages, add_generation_prompt) if fmt == "chatml"
-                else self._llama2(messages))
-        # The template already wrote every special token it wants.
+                            tokenize: bool = False, *, tools: list[dict] | None = None,
+                            documents: list[dict] | None = None, **template_kwargs):
+        """Render `[{"role", "content"}, ...]` with the model's own chat template.
+
+        The text transformers' `apply_chat_template(messages, tokenize=False,
+        add_generation_prompt=...)` gives, or its ids with tokenize=True (the template
+        writes every special token itself, so none is added). Keywords such as
+        `enable_thinking=False` reach the template as variables. A folder without a
+        template renders ChatML (with a warning), as transformers once did by default.
+        """
+        text = render(self._template() or CHATML_TEMPLATE, messages, add_generation_prompt=add_generation_prompt,
+                      tools=tools, documents=documents, origin=self._template_origin(),
+                      variables={**self.template_variables(), **template_kwargs})
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
-    def _chatml(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        m = _CHATML_DEFAULT_SYSTEM.search(self._template())
-        default_system = m.group(1).replace("\\n", "\n") if m else None
-        parts = []
-        for i, msg in enumerate(messages):
-            if i == 0 and default_system is not None and msg["role"] != "system":
-                parts.append(f"<|im_start|>system\n{default_system}<|im_end|>\n")
-            parts.append(f"<|im_start|>{msg['role']}\n{msg['content']}<|im_end|>\n")
-        if add_generation_prompt:
-            parts.append("<|im_start|>assistant\n")
-        return "".join(parts)
-
-    def _llama2(self, messages: list[dict]) -> str:
-        # Llama-2 has no generation prompt: the answer simply follows " [/INST]".
-        system = None
-        if messages and messages[0]["role"] == "system":
-            system, messages = messages[0]["content"], messages[1:]
-        bos, eos = self.bos_token or "", self.eos_token or ""
-        parts = []
-        for i, msg in enumerate(messages):
-            if (msg["role"] == "user") != (i % 2 == 0):
-                raise ValueError("Conversation roles must alternate user/assistant/user/assistant/...")
-            content = msg["content"]
-            if i == 0 and system is not None:
-                content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
-            if msg["role"] == "user":
-                parts.append(f"{bos}[INST] {content.strip()} [/INST]")
-            else:
-                parts.append(f" {content.strip()} {eos}")
-        return "".join(parts)
+    def _template_origin(self) -> str:
+        if self._template():
+            return self.config.get("chat_template_file", "the chat template")
+        if not self._warned_chatml:
+            self._warned_chatml = True
+            warnings.warn(f"{self.config.get('tokenizer_folder', 'this tokenizer')} has no chat template "
+                          "(no chat_template in tokenizer_config.json, no chat_template.jinja): rendering ChatML "
+                          "(<|im_start|>role ... <|im_end|>); put the model's template in chat_template.jinja "
+                          "to use its own format", stacklevel=3)
+        return "minilora's ChatML fallback template"
 
 
 def load_tokenizer(path) -> Tokenizer:
@@ -298,7 +273,11 @@ def load_tokenizer(path) -> Tokenizer:
             f"AutoTokenizer.from_pretrained(...).save_pretrained(...))")
     config = _read_json(folder / "special_tokens_map.json")
     config.update(_read_json(folder / "tokenizer_config.json"))  # the newer file wins
+    config["tokenizer_folder"] = str(folder)
+    if config.get("chat_template"):
+        config["chat_template_file"] = str(folder / "tokenizer_config.json")
     jinja = folder / "chat_template.jinja"  # newer transformers save the template apart
     if jinja.is_file():
         config["chat_template"] = jinja.read_text(encoding="utf-8")
+        config["chat_template_file"] = str(jinja)
     return Tokenizer(_Backend.from_file(str(tok_file)), config)

@@ -237,11 +237,12 @@ def classification_examples(tokenizer, data: ClassificationData, max_length: int
     return Examples(examples, {"truncated": truncated})
 
 
-def chat_examples(tokenizer, conversations: list[list[dict]], max_length: int) -> Examples:
+def chat_examples(tokenizer, conversations: list[list[dict]], max_length: int,
+                  assistant_turns: str = "all") -> Examples:
     """tokenize_chat over many conversations, counting truncations and useless examples."""
     examples, truncated, no_target = [], 0, 0
     for msgs in conversations:
-        ids, labels = chat_ids(tokenizer, msgs)
+        ids, labels = chat_ids(tokenizer, msgs, assistant_turns)
         if len(ids) > max_length:
             truncated += 1
             ids, labels = ids[:max_length], labels[:max_length]
@@ -322,8 +323,8 @@ def build_datasets(cfg, tokenizer) -> Datasets:
         tr, va = split(len(convs))
         va = list(range(len(vconvs))) if val_file else va
         tr, va = _cap(tr, d.max_train_examples, seed), _cap(va, d.max_eval_examples, seed)
-        train = chat_examples(tokenizer, [convs[i] for i in tr], d.max_length)
-        val = chat_examples(tokenizer, [vconvs[i] for i in va], d.max_length)
+        train = chat_examples(tokenizer, [convs[i] for i in tr], d.max_length, d.assistant_turns)
+        val = chat_examples(tokenizer, [vconvs[i] for i in va], d.max_length, d.assistant_turns)
     elif d.kind == "text":
         blocks = pack_text(tokenizer, read_text(d.train_file, d.format, d.text_column), d.block_size)
         vblocks = (pack_text(tokenizer, read_text(val_file, d.format, d.text_column), d.block_size)

@@ -116,6 +116,7 @@ class DataSection:
     max_eval_examples: int | None = None
     block_size: int = 256
     group_by_length: bool = True
+    assistant_turns: str = "all"              # chat data: loss on every assistant turn, or "last" only
 
 
 @dataclass
@@ -164,6 +165,7 @@ ENUMS = {
     ("quant", "compute_dtype"): DTYPES,
     ("data", "format"): ("auto", "tsv", "csv", "jsonl", "json", "text"),
     ("data", "kind"): ("classification", "instructions", "text"),
+    ("data", "assistant_turns"): ("all", "last"),
     ("train", "schedule"): ("linear", "cosine", "constant"),
     ("train", "metric_for_best"): ("auto", "loss", "accuracy"),
     ("train", "device"): ("auto", "cpu", "cuda"),

@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ..io.chat_template import has_generation_blocks, render
 from ..io.text_files import utf8_errors_named
 
 IGNORE_INDEX = -100  # labels with this value carry no loss (torch's cross_entropy default)
@@ -254,8 +256,26 @@ def _columns(path, rows: list, text_column, label_column, notes) -> tuple[list[i
 
 # -- instructions ----------------------------------------------------------------------
 
+# ShareGPT's speaker names -> chat roles.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "model": "assistant", "system": "system", "tool": "tool", "function_response": "tool"}
+
+
+def _sharegpt_messages(turns, at: str) -> list[dict]:
+    if not isinstance(turns, list) or not all(isinstance(t, dict) and "from" in t and "value" in t for t in turns):
+        raise ValueError(f"{at}: 'conversations' (ShareGPT) must be a list of {{'from': ..., 'value': ...}} objects")
+    out = []
+    for t in turns:
+        role = SHAREGPT_ROLES.get(str(t["from"]).lower())
+        if role is None:
+            raise ValueError(f"{at}: unknown ShareGPT speaker {t['from']!r}; use one of {sorted(SHAREGPT_ROLES)}")
+        out.append({"role": role, "content": t["value"]})
+    return out
+
+
 def read_instructions(path, format: str = "auto") -> list[list[dict]]:
-    """Read Alpaca rows ({instruction, input, output}) or chat rows ({messages: [...]}).
+    """Read Alpaca rows ({instruction, input, output}), chat rows ({messages: [...]}) or
+    ShareGPT rows ({conversations: [{from, value}, ...]}, from human/gpt/system).
 
     Each example becomes a list of {"role", "content"} messages ending with the
     assistant's answer; Alpaca's input is appended to the instruction after a blank line.
@@ -268,6 +288,8 @@ def read_instructions(path, format: str = "auto") -> list[list[dict]]:
     for at, rec in _json_records(path, fmt):
         if not isinstance(rec, dict):
             raise ValueError(f"{at}: expected a JSON object, got {type(rec).__name__}")
+        if "conversations" in rec and "messages" not in rec:
+            rec = {"messages": _sharegpt_messages(rec["conversations"], at)}
         if "messages" in rec:
             msgs = rec["messages"]
             if not isinstance(msgs, list) or not msgs or not all(
@@ -287,7 +309,8 @@ def read_instructions(path, format: str = "auto") -> list[list[dict]]:
                         {"role": "assistant", "content": str(rec["output"])}])
         else:
             raise ValueError(f"{at}: expected Alpaca fields 'instruction' and 'output' (and optional "
-                             f"'input') or a chat 'messages' list; this row has keys {sorted(rec)}")
+                             f"'input'), a chat 'messages' list or a ShareGPT 'conversations' list; this row "
+                             f"has keys {sorted(rec)}")
     if not out:
         raise ValueError(f"{path}: no examples")
     return out
@@ -300,51 +323,132 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def chat_ids(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+ASSISTANT_TURNS = ("all", "last")
+
+
+def _special_ids(tokenizer) -> set[int]:
+    """Ids of the tokenizer's special added tokens (<|im_end|>, <|eot_id|>, <end_of_turn>, ...)."""
+    backend = getattr(tokenizer, "backend", None)
+    if backend is not None and hasattr(backend, "get_added_tokens_decoder"):
+        return {i for i, token in backend.get_added_tokens_decoder().items() if token.special}
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return set() if eos is None else {eos}
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+
+
+def _turn_end(tokenizer, text: str, content: str, special: set[int]) -> tuple[list[int], int | None]:
+    """The ids of one assistant turn's rendered text, and how many of them to train on:
+    through the first special token after the message's content (its end-of-turn token),
+    or None when no special token follows it."""
+    backend = getattr(tokenizer, "backend", None)
+    if backend is None:  # a tokenizer without offsets: search from the turn's start
+        ids = _encode(tokenizer, text)
+        return ids, next((j + 1 for j, t in enumerate(ids) if t in special), None)
+    enc = backend.encode(text, add_special_tokens=False)
+    # Where the content ends in the turn's text: templates may trim it or add to it.
+    body = content.strip()
+    found = text.rfind(body) if body else -1
+    after = found + len(body) if found >= 0 else 0
+    end = next((j + 1 for j, (t, (start, _)) in enumerate(zip(enc.ids, enc.offsets))
+                if t in special and start >= after), None)
+    return list(enc.ids), end
+
+
+def _marked_turns(tokenizer, messages: list[dict], assistant_turns: str) -> tuple[list[int], list[int]] | None:
+    """Labels from the template's own {% generation %} blocks, if it has them: every token
+    that overlaps a block (the last block only for "last"), as transformers'
+    return_assistant_tokens_mask marks them; None for a template without blocks."""
+    source = tokenizer._template() if hasattr(tokenizer, "_template") else None
+    if not source or not has_generation_blocks(source):
+        return None
+    text, spans = render(source, messages, add_generation_prompt=False, origin=tokenizer._template_origin(),
+                         variables=tokenizer.template_variables(), spans=True)
+    if assistant_turns == "last":
+        spans = spans[-1:]
+    enc = tokenizer.backend.encode(text, add_special_tokens=False)
+    labels = [t if any(start < stop_s and end > start_s for start_s, stop_s in spans) else IGNORE_INDEX
+              for t, (start, end) in zip(enc.ids, enc.offsets)]
+    return list(enc.ids), labels
+
+
+def chat_ids(tokenizer, messages: list[dict], assistant_turns: str = "all") -> tuple[list[int], list[int]]:
     """(input_ids, labels) for one conversation, untruncated; see `tokenize_chat`."""
+    if assistant_turns not in ASSISTANT_TURNS:
+        raise ValueError(f"assistant_turns must be one of {ASSISTANT_TURNS}, got {assistant_turns!r}")
     if not messages or messages[-1].get("role") != "assistant":
         raise ValueError("the last message must be the assistant's answer (role 'assistant')")
-    prompt_text = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
-    full_text = tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
-    if not full_text.startswith(prompt_text):
-        raise ValueError("the chat template renders the conversation differently once the answer is "
-                         "added (the prompt is not a prefix of the full text), so the response cannot "
-                         "be located; format such data yourself as plain text")
-    prompt_ids = _encode(tokenizer, prompt_text)
-    full_ids = _encode(tokenizer, full_text)
-    if full_ids[:len(prompt_ids)] == prompt_ids:
-        ids = full_ids
-    else:
-        # BPE can merge across the prompt/response boundary: a generation prompt that
-        # ends in a space ("Assistant: ") plus "Hi" is the single token " Hi" in the full
-        # text. At inference the model continues from the prompt's ids exactly, so we
-        # train on that tokenization: prompt ids, then the response tokenized alone.
-        ids = prompt_ids + _encode(tokenizer, full_text[len(prompt_text):])
-    n_prompt = len(prompt_ids)
-    tail = ids[n_prompt:]
+    turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+    if assistant_turns == "last":
+        turns = turns[-1:]
+    marked = _marked_turns(tokenizer, messages, assistant_turns)
+    if marked is not None:
+        return marked
+    full = _render(tokenizer, messages, False)
+    # Each trained turn as a character span of the full text, found prefix by prefix: it
+    # starts where the conversation before it plus the generation prompt ends, and ends
+    # where the conversation that stops after it parts from the full one (a template
+    # may close a conversation differently from a turn: Phi-3 writes eos there).
+    spans = []
+    for i in turns:
+        prompt = _render(tokenizer, messages[:i], True) if i else ""
+        through = full if i == len(messages) - 1 else _render(tokenizer, messages[:i + 1], False)
+        stop = len(os.path.commonprefix([through, full]))
+        body = messages[i]["content"].strip()
+        if not (through.startswith(prompt) and full.startswith(prompt) and body in full[len(prompt):stop]):
+            raise ValueError(
+                f"the chat template renders assistant turn {turns.index(i) + 1} (message {i}) differently once "
+                "its answer or later messages are added (the shorter conversation's text is not a prefix of "
+                "the longer one's), so that turn cannot be located"
+                + ("; set data.assistant_turns = 'last' to train on the final answer only"
+                   if assistant_turns == "all" and len(turns) > 1 else "; format such data yourself as plain text"))
+        spans.append((len(prompt), stop))
+    special = _special_ids(tokenizer)
     eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is not None and eos in tail:
-        # Train through the end-of-turn token and drop what follows it (ChatML's "\n"):
-        # the model stops at eos, so it never needs to predict the newline.
-        tail = tail[:tail.index(eos) + 1]
-    elif eos is not None:
-        # The template writes no eos after the answer (or ends the turn with a different
-        # token): append eos so the model still learns where an answer ends.
-        tail = tail + [eos]
-    ids = ids[:n_prompt] + tail
-    return ids, [IGNORE_INDEX] * n_prompt + tail
+    ids: list[int] = []
+    labels: list[int] = []
+    at = 0
+    for k, ((start, stop), i) in enumerate(zip(spans, turns)):
+        # Tokenized piece by piece, as at inference, where the model continues from the
+        # prompt's ids exactly: BPE can merge across the prompt/answer boundary ("Assistant: "
+        # + "Hi" is " Hi" in the joined text), so an answer is tokenized alone.
+        head = _encode(tokenizer, full[at:start])
+        ids += head
+        labels += [IGNORE_INDEX] * len(head)
+        answer, end = _turn_end(tokenizer, full[start:stop], messages[i]["content"], special)
+        last = k == len(spans) - 1
+        if end is None:
+            # No end-of-turn token after the answer: the final answer gets eos appended, so
+            # the model still learns where an answer ends; an earlier one is trained as is.
+            tail = answer + ([eos] if last and eos is not None else [])
+            ids += tail
+            labels += tail
+        elif last:
+            # Through the end-of-turn token; what follows it (ChatML's "\n") is dropped:
+            # the model stops at that token and never needs to predict the rest.
+            ids += answer[:end]
+            labels += answer[:end]
+        else:
+            ids += answer
+            labels += answer[:end] + [IGNORE_INDEX] * (len(answer) - end)
+        at = stop
+    return ids, labels
 
 
-def tokenize_chat(tokenizer, messages: list[dict], max_length: int | None = None) -> tuple[list[int], list[int]]:
-    """Tokenize one conversation with the tokenizer's chat template; loss on the answer only.
+def tokenize_chat(tokenizer, messages: list[dict], max_length: int | None = None,
+                  assistant_turns: str = "all") -> tuple[list[int], list[int]]:
+    """Tokenize one conversation with the tokenizer's chat template; loss on the assistant's turns.
 
-    labels[i] is -100 for every prompt token (all turns before the last assistant
-    message, through its generation prompt, e.g. "<|im_start|>assistant\\n") and equals
-    input_ids[i] for the answer and the end-of-turn token after it. Labels are not
-    shifted; the model shifts. Only the last assistant turn is trained. Truncation
-    (max_length) keeps the start and cuts the end.
+    labels[i] equals input_ids[i] for the tokens of every assistant message (only the
+    final one with assistant_turns="last") and the end-of-turn token after it, and is
+    -100 for everything else: system and user turns, each turn's header or generation
+    prompt (e.g. "<|im_start|>assistant\\n"), and what the template writes after an
+    end-of-turn token. Labels are not shifted; the model shifts. Truncation (max_length)
+    keeps the start and cuts the end; a turn it cuts keeps the labels of its first part.
     """
-    ids, labels = chat_ids(tokenizer, messages)
+    ids, labels = chat_ids(tokenizer, messages, assistant_turns)
     if max_length is not None:
         ids, labels = ids[:max_length], labels[:max_length]
     return ids, labels
