@@ -38,6 +38,12 @@ CASES = {
     # explicit head_dim != hidden/heads, and a sliding window shorter than the batch
     "mistral": lambda: transformers.MistralConfig(**COMMON, head_dim=32, sliding_window=5),
     "qwen2": lambda: transformers.Qwen2Config(**COMMON, tie_word_embeddings=True),
+    # QK-norm, explicit head_dim, untied head; and with sliding-window layers (window 4 < 12
+    # tokens) after the first, as max_window_layers places them
+    "qwen3": lambda: transformers.Qwen3Config(**COMMON, head_dim=24, tie_word_embeddings=False),
+    "qwen3_sliding_tied": lambda: transformers.Qwen3Config(
+        **{**COMMON, "num_hidden_layers": 3}, tie_word_embeddings=True, use_sliding_window=True, sliding_window=4,
+        max_window_layers=1, attention_bias=True),
     "gpt2": lambda: transformers.GPT2Config(
         vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, initializer_range=0.1,
         bos_token_id=None, eos_token_id=None,
@@ -45,10 +51,12 @@ CASES = {
 }
 HF_CLASSES = {
     "llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
-    "qwen2": transformers.Qwen2ForCausalLM, "gpt2": transformers.GPT2LMHeadModel,
+    "qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
+    "gpt2": transformers.GPT2LMHeadModel,
 }
 OUR_CLASSES = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (LlamaConfig, LlamaForCausalLM),
-               "qwen2": (LlamaConfig, LlamaForCausalLM), "gpt2": (GPT2Config, GPT2LMHeadModel)}
+               "qwen2": (LlamaConfig, LlamaForCausalLM), "qwen3": (LlamaConfig, LlamaForCausalLM),
+               "gpt2": (GPT2Config, GPT2LMHeadModel)}
 
 
 def convert(model, hf_state_dict):

@@ -20,6 +20,7 @@ DEFAULT_TARGETS = {
     "llama": ["q_proj", "v_proj"],
     "mistral": ["q_proj", "v_proj"],
     "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
     "gpt2": ["c_attn"],
     "bert": ["query", "value"],
     "distilbert": ["q_lin", "v_lin"],

@@ -4,7 +4,7 @@ A checkpoint folder's config.json names its architecture family in `model_type`
 ("bert", "llama", ...). The family fixes the config class (how config.json is
 read) and, per task, the model class:
 
-    "causal-lm"                -> next-token prediction (Llama, Mistral, Qwen2, GPT-2)
+    "causal-lm"                -> next-token prediction (Llama, Mistral, Qwen2, Qwen3, GPT-2)
     "sequence-classification"  -> encoder + classification head (BERT, DistilBERT)
     "embedding"                -> the plain encoder's last hidden states (BERT, DistilBERT)
 
@@ -37,10 +37,11 @@ _REGISTRY: dict[str, tuple[object, dict[str, object]]] = {
             "embedding": "minilora.models.distilbert:DistilBertModel",
         },
     ),
-    # Mistral and Qwen2 share Llama's block; LlamaConfig.from_hf reads their differences.
+    # Mistral, Qwen2 and Qwen3 share Llama's block; LlamaConfig.from_hf reads their differences.
     "llama": ("minilora.models.llama:LlamaConfig", _CAUSAL_LLAMA),
     "mistral": ("minilora.models.llama:LlamaConfig", _CAUSAL_LLAMA),
     "qwen2": ("minilora.models.llama:LlamaConfig", _CAUSAL_LLAMA),
+    "qwen3": ("minilora.models.llama:LlamaConfig", _CAUSAL_LLAMA),
     "gpt2": ("minilora.models.gpt2:GPT2Config", {"causal-lm": "minilora.models.gpt2:GPT2LMHeadModel"}),
 }
 

@@ -1,4 +1,4 @@
-"""The Llama family of decoders: Llama 1/2/3, SmolLM, Mistral and Qwen2.
+"""The Llama family of decoders: Llama 1/2/3, SmolLM, Mistral, Qwen2 and Qwen3.
 
 All of them are the same pre-norm transformer; only a few switches differ
 (biases, RoPE scaling, sliding windows). One block, applied num_hidden_layers times:
@@ -37,8 +37,13 @@ SwiGLU MLP (Shazeer, 2020): a gated feed-forward layer,
     MLP(x) = W_down( silu(W_gate x) * (W_up x) ),    silu(z) = z * sigmoid(z)
 
 Differences between members: Qwen2 has biases on q/k/v (not o); Mistral (and Qwen2
-with use_sliding_window) lets each token see only the last `sliding_window` tokens,
-which we implement in the attention mask. Module names mirror the Hugging Face
+and Qwen3 with use_sliding_window) lets each token see only the last `sliding_window`
+tokens, which we implement in the attention mask. Qwen3 drops Qwen2's biases and
+normalises each head's query and key before RoPE (QK-norm, as in Dehghani et al., 2023):
+
+    q_h = RMSNorm_q(W_q x)_h,    k_h = RMSNorm_k(W_k x)_h       (one gain of head_dim numbers each)
+
+which keeps the attention logits q.k from growing with the weights' scale. Module names mirror the Hugging Face
 checkpoints exactly, so `state_dict()` keys equal the keys in model.safetensors.
 
 minilora.fast swaps in subclasses of the model (the loss without the logits) and of the
@@ -60,7 +65,7 @@ from .kv_cache import KVCache, build_attention_mask, start_forward
 from .lm_head import CausalLMOutput, causal_lm_head
 from .rms_norm import RMSNorm
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu}
 
@@ -83,6 +88,7 @@ class LlamaConfig:
     qkv_bias: bool = False  # bias on q/k/v_proj (Llama attention_bias, always on for Qwen2)
     o_bias: bool = False  # bias on o_proj (Llama attention_bias; never for Qwen2)
     mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm on each head's q and k before RoPE (Qwen3)
     attention_dropout: float = 0.0
     initializer_range: float = 0.02  # std for weights a checkpoint lacks
     sliding_window: int | None = None
@@ -149,7 +155,7 @@ class LlamaConfig:
         sliding_window, layer_types = None, None
         if model_type == "mistral":
             sliding_window = d.get("sliding_window", 4096)
-        elif model_type == "qwen2" and d.get("use_sliding_window", False):
+        elif model_type in ("qwen2", "qwen3") and d.get("use_sliding_window", False):
             sliding_window = d.get("sliding_window", 4096)
             max_window_layers = d.get("max_window_layers", 28)
             layer_types = d.get("layer_types") or [
@@ -161,7 +167,8 @@ class LlamaConfig:
             qkv_bias = o_bias = bool(d.get("attention_bias", False))
 
         known = dict(
-            vocab_size=d.get("vocab_size", {"llama": 32000, "mistral": 32000, "qwen2": 151936}[model_type]),
+            vocab_size=d.get("vocab_size", {"llama": 32000, "mistral": 32000, "qwen2": 151936,
+                                            "qwen3": 151936}[model_type]),
             hidden_size=d.get("hidden_size", 4096),
             intermediate_size=d.get("intermediate_size", 11008),
             num_hidden_layers=n_layers,
@@ -177,6 +184,7 @@ class LlamaConfig:
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=bool(d.get("mlp_bias", False)),
+            qk_norm=model_type == "qwen3",
             attention_dropout=float(d.get("attention_dropout", 0.0)),
             initializer_range=float(d.get("initializer_range", 0.02)),
             sliding_window=sliding_window,
@@ -230,11 +238,17 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=config.o_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, kv_cache: KVCache | None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:

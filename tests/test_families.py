@@ -1,0 +1,130 @@
+"""The newer causal-LM families against transformers and peft, on tiny random configs.
+
+For each family (Qwen3 so far; its logits on padded batches are in
+test_models_llama_gpt2.py): a folder transformers saved loads in minilora with the same
+logits; one LoRA step on all seven projections gives the loss and adapter gradients
+peft gives on transformers' model with the same adapter; greedy generation with the KV
+cache gives transformers' tokens on a left-padded batch; an NF4 base trains.
+"""
+
+import peft
+import pytest
+import torch
+import transformers
+
+import minilora
+from minilora import LoraConfig, inject, load_adapter
+from minilora.io.generation import generate_ids
+from minilora.lora.inject import lora_layers
+from minilora.train.loop import make_optimizer
+
+VOCAB = 128
+PAD = 0
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.1,
+              bos_token_id=None, eos_token_id=None, pad_token_id=PAD)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+FAMILIES = {
+    # GQA, explicit head_dim, untied head
+    "qwen3": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**COMMON, head_dim=24)),
+    # tied head, biases on attention, sliding-window layers (window 5 < the prompts' length)
+    "qwen3_sliding": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        **{**COMMON, "num_hidden_layers": 3}, tie_word_embeddings=True, attention_bias=True,
+        use_sliding_window=True, sliding_window=5, max_window_layers=1)),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def folder(request, tmp_path_factory):
+    torch.manual_seed(0)
+    hf = FAMILIES[request.param]()
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def hf_model(folder):
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def padded(side="right", seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    for row, length in enumerate((12, 9, 6)):
+        if side == "right":
+            mask[row, length:] = 0
+        else:
+            mask[row, :12 - length] = 0
+    ids = ids.masked_fill(mask == 0, PAD)
+    return ids, mask, ids.masked_fill(mask == 0, -100)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@torch.no_grad()
+def test_folder_loads_with_transformers_logits(folder, side):
+    ids, mask, _ = padded(side)
+    ours = minilora.load_model(folder, task="causal-lm", dtype="float32").eval()
+    got = ours(ids, attention_mask=mask).logits[mask.bool()]
+    want = hf_model(folder)(input_ids=ids, attention_mask=mask).logits[mask.bool()]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_one_lora_step_equals_peft(folder, tmp_path):
+    theirs = peft.get_peft_model(hf_model(folder), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                                   task_type="CAUSAL_LM"))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    theirs.save_pretrained(tmp_path / "adapter")
+    ours = minilora.load_model(folder, task="causal-lm", dtype="float32")
+    assert len(load_adapter(ours, tmp_path / "adapter")) == len(TARGETS) * ours.config.num_hidden_layers
+    for _, layer in lora_layers(ours):
+        layer.lora_A.weight.requires_grad_(True)
+        layer.lora_B.weight.requires_grad_(True)
+    ids, mask, labels = padded("right")
+    theirs.train()
+    ours.train()
+    want = theirs(input_ids=ids, attention_mask=mask, labels=labels).loss
+    got = ours(ids, attention_mask=mask, labels=labels).loss
+    want.backward()
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    their_grads = {n.replace("base_model.model.", "").replace(".default", ""): p.grad
+                   for n, p in theirs.named_parameters() if "lora_" in n}
+    our_grads = {n: p.grad for n, p in ours.named_parameters() if "lora_" in n}
+    assert our_grads.keys() == their_grads.keys() and our_grads
+    for name, grad in our_grads.items():
+        torch.testing.assert_close(grad, their_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert all(g.abs().max() > 0 for g in our_grads.values())
+
+
+def test_greedy_generation_with_kv_cache_equals_transformers(folder):
+    g = torch.Generator().manual_seed(5)
+    ids = torch.full((2, 9), PAD)
+    mask = torch.zeros(2, 9, dtype=torch.long)
+    ids[0], mask[0] = torch.randint(3, VOCAB, (9,), generator=g), 1
+    ids[1, 4:], mask[1, 4:] = torch.randint(3, VOCAB, (5,), generator=g), 1
+    want = hf_model(folder).generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12,
+                                     pad_token_id=PAD, eos_token_id=None)
+    ours = minilora.load_model(folder, task="causal-lm", dtype="float32").eval()
+    assert generate_ids(ours, ids, attention_mask=mask, max_new_tokens=12).tolist() == want.tolist()
+
+
+def test_nf4_base_trains(folder):
+    ours = minilora.load_model(folder, task="causal-lm", dtype="float32", quantize="nf4", blocksize=64)
+    inject(ours, LoraConfig(r=8, alpha=16, target_modules=TARGETS))
+    ids, mask, labels = padded("right")
+    optimizer = make_optimizer(ours, 5e-3, 0.0, torch.device("cpu"))
+    ours.train()
+    losses = []
+    for _ in range(8):
+        loss = ours(ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
