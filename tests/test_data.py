@@ -78,10 +78,11 @@ class FakeChat:
 
 
 def minilora_chatml(backend):
-    # minilora's own Tokenizer: the template string only selects the ChatML renderer.
+    # minilora's own Tokenizer running a ChatML template.
+    from minilora.io.tokenizer import CHATML_TEMPLATE
+
     return Tokenizer(Backend.from_str(backend.to_str()), {
-        "chat_template": "{% for m in messages %}<|im_start|>{{ m.role }}...{% endfor %}",
-        "eos_token": "<|im_end|>", "pad_token": "<pad>"})
+        "chat_template": CHATML_TEMPLATE, "eos_token": "<|im_end|>", "pad_token": "<pad>"})
 
 
 @pytest.fixture(scope="module")
@@ -185,8 +186,8 @@ def test_alpaca_rows_become_messages():
     assert convs[without][0]["content"] == rows[without]["instruction"]
 
 
-def check_response_only(tok, messages, end_marker="<|im_end|>"):
-    ids, labels = data.tokenize_chat(tok, messages, max_length=4096)
+def check_response_only(tok, messages, end_marker="<|im_end|>", assistant_turns="all"):
+    ids, labels = data.tokenize_chat(tok, messages, max_length=4096, assistant_turns=assistant_turns)
     assert len(ids) == len(labels)
     first = next(i for i, x in enumerate(labels) if x != -100)
     assert all(x == -100 for x in labels[:first])
@@ -212,7 +213,7 @@ def test_response_only_mask_with_smollm2_tokenizer():
         check_response_only(tok, msgs)
 
 
-def test_chat_messages_multi_turn_trains_last_answer_only(bpe, tmp_path):
+def test_chat_messages_multi_turn_trains_every_answer_or_the_last(bpe, tmp_path):
     conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
             {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a colour."},
             {"role": "assistant", "content": "Blue."}]
@@ -220,7 +221,12 @@ def test_chat_messages_multi_turn_trains_last_answer_only(bpe, tmp_path):
     p.write_text(json.dumps({"messages": conv}) + "\n")
     (msgs,) = data.read_instructions(p)
     assert msgs == conv
-    check_response_only(FakeChat(bpe), msgs)
+    check_response_only(FakeChat(bpe), msgs, assistant_turns="last")
+    tok = FakeChat(bpe)
+    ids, labels = data.tokenize_chat(tok, msgs)
+    kept = [i for i, x in enumerate(labels) if x != -100]
+    assert tok.decode([ids[i] for i in kept]) == "Hello!<|im_end|>Blue.<|im_end|>"
+    assert tok.decode(ids) == tok.apply_chat_template(msgs, add_generation_prompt=False).removesuffix("\n")
     with pytest.raises(ValueError, match="last message must be the assistant"):
         p.write_text(json.dumps({"messages": conv[:-1]}) + "\n")
         data.read_instructions(p)

@@ -23,6 +23,7 @@ DEFAULT_TARGETS = {
     "qwen3": ["q_proj", "v_proj"],
     "gpt2": ["c_attn"],
     "bert": ["query", "value"],
+    "roberta": ["query", "value"],
     "distilbert": ["q_lin", "v_lin"],
 }
 

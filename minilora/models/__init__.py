@@ -5,8 +5,8 @@ A checkpoint folder's config.json names its architecture family in `model_type`
 read) and, per task, the model class:
 
     "causal-lm"                -> next-token prediction (Llama, Mistral, Qwen2, Qwen3, GPT-2)
-    "sequence-classification"  -> encoder + classification head (BERT, DistilBERT)
-    "embedding"                -> the plain encoder's last hidden states (BERT, DistilBERT)
+    "sequence-classification"  -> encoder + classification head (BERT, DistilBERT, RoBERTa)
+    "embedding"                -> the plain encoder's last hidden states (BERT, DistilBERT, RoBERTa)
 
 Classes are named by import path and imported only when asked for, so that using
 BERT never imports Llama, and a family whose module is missing fails only when it
@@ -42,6 +42,13 @@ _REGISTRY: dict[str, tuple[object, dict[str, object]]] = {
     "mistral": ("minilora.models.llama:LlamaConfig", _CAUSAL_LLAMA),
     "qwen2": ("minilora.models.llama:LlamaConfig", _CAUSAL_LLAMA),
     "qwen3": ("minilora.models.llama:LlamaConfig", _CAUSAL_LLAMA),
+    "roberta": (
+        "minilora.models.roberta:RobertaConfig",
+        {
+            "sequence-classification": "minilora.models.roberta:RobertaForSequenceClassification",
+            "embedding": "minilora.models.roberta:RobertaModel",
+        },
+    ),
     "gpt2": ("minilora.models.gpt2:GPT2Config", {"causal-lm": "minilora.models.gpt2:GPT2LMHeadModel"}),
 }
 

@@ -356,10 +356,14 @@ class BertModel(nn.Module):
         return key, tensor
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None) -> EncoderOutput:
+        h = self.encode(input_ids, attention_mask, token_type_ids, inputs_embeds)
+        return EncoderOutput(last_hidden_state=h, pooler_output=None if self.pooler is None else self.pooler(h))
+
+    def encode(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None) -> torch.Tensor:
+        """The last hidden states, (batch, seq, hidden)."""
         check_one_input(input_ids, inputs_embeds)
         h = self.embeddings(input_ids, token_type_ids, inputs_embeds)
-        h = self.encoder(h, padding_mask(attention_mask, h.dtype))
-        return EncoderOutput(last_hidden_state=h, pooler_output=self.pooler(h))
+        return self.encoder(h, padding_mask(attention_mask, h.dtype))
 
 
 class BertForSequenceClassification(nn.Module):
