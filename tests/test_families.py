@@ -1,7 +1,6 @@
 """The newer causal-LM families against transformers and peft, on tiny random configs.
 
-For each family (Qwen3 so far; its logits on padded batches are in
-test_models_llama_gpt2.py): a folder transformers saved loads in minilora with the same
+For each family (Qwen3, Phi-3): a folder transformers saved loads in minilora with the same
 logits; one LoRA step on all seven projections gives the loss and adapter gradients
 peft gives on transformers' model with the same adapter; greedy generation with the KV
 cache gives transformers' tokens on a left-padded batch; an NF4 base trains.
@@ -23,25 +22,49 @@ PAD = 0
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.1,
               bos_token_id=None, eos_token_id=None, pad_token_id=PAD)
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PHI3_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]  # peft's names for Phi-3's fused layers
+HEAD = 16  # head_dim of the Phi-3 cases (64 / 4)
+ROTATED = 12  # partial_rotary_factor 0.75: 12 of 16 channels rotate, 6 frequencies
+
+
+def phi3(**extra):
+    return lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(**{**COMMON, **extra}))
+
 
 FAMILIES = {
     # GQA, explicit head_dim, untied head
-    "qwen3": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**COMMON, head_dim=24)),
+    "qwen3": (lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**COMMON, head_dim=24)), LLAMA_TARGETS),
     # tied head, biases on attention, sliding-window layers (window 5 < the prompts' length)
-    "qwen3_sliding": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+    "qwen3_sliding": (lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
         **{**COMMON, "num_hidden_layers": 3}, tie_word_embeddings=True, attention_bias=True,
-        use_sliding_window=True, sliding_window=5, max_window_layers=1)),
+        use_sliding_window=True, sliding_window=5, max_window_layers=1)), LLAMA_TARGETS),
+    # fused qkv and gate_up, a sliding window shorter than the prompts, tied head
+    "phi3": (phi3(sliding_window=6, tie_word_embeddings=True), PHI3_TARGETS),
+    # Phi-4-mini's partial rotary, and LongRoPE with a pre-training length of 10: the
+    # 12-token batches and the generation past 10 tokens use the long factors, shorter
+    # calls the short ones
+    "phi3_longrope_partial": (phi3(max_position_embeddings=40, original_max_position_embeddings=10, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+        "short_factor": [1.0 + 0.1 * i for i in range(ROTATED // 2)],
+        "long_factor": [2.0 + 0.5 * i for i in range(ROTATED // 2)],
+        "original_max_position_embeddings": 10}), PHI3_TARGETS),
 }
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
-def folder(request, tmp_path_factory):
+def case(request, tmp_path_factory):
     torch.manual_seed(0)
-    hf = FAMILIES[request.param]()
+    build, targets = FAMILIES[request.param]
+    hf = build()
     path = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(path, safe_serialization=True)
-    return path
+    return path, targets
+
+
+@pytest.fixture()
+def folder(case):
+    return case[0]
 
 
 def hf_model(folder):
@@ -71,8 +94,9 @@ def test_folder_loads_with_transformers_logits(folder, side):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_one_lora_step_equals_peft(folder, tmp_path):
-    theirs = peft.get_peft_model(hf_model(folder), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+def test_one_lora_step_equals_peft(case, tmp_path):
+    folder, targets = case
+    theirs = peft.get_peft_model(hf_model(folder), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
                                                                    task_type="CAUSAL_LM"))
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -81,7 +105,7 @@ def test_one_lora_step_equals_peft(folder, tmp_path):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     theirs.save_pretrained(tmp_path / "adapter")
     ours = minilora.load_model(folder, task="causal-lm", dtype="float32")
-    assert len(load_adapter(ours, tmp_path / "adapter")) == len(TARGETS) * ours.config.num_hidden_layers
+    assert len(load_adapter(ours, tmp_path / "adapter")) == len(targets) * ours.config.num_hidden_layers
     for _, layer in lora_layers(ours):
         layer.lora_A.weight.requires_grad_(True)
         layer.lora_B.weight.requires_grad_(True)
@@ -114,9 +138,10 @@ def test_greedy_generation_with_kv_cache_equals_transformers(folder):
     assert generate_ids(ours, ids, attention_mask=mask, max_new_tokens=12).tolist() == want.tolist()
 
 
-def test_nf4_base_trains(folder):
+def test_nf4_base_trains(case):
+    folder, targets = case
     ours = minilora.load_model(folder, task="causal-lm", dtype="float32", quantize="nf4", blocksize=64)
-    inject(ours, LoraConfig(r=8, alpha=16, target_modules=TARGETS))
+    inject(ours, LoraConfig(r=8, alpha=16, target_modules=targets))
     ids, mask, labels = padded("right")
     optimizer = make_optimizer(ours, 5e-3, 0.0, torch.device("cpu"))
     ours.train()

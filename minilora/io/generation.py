@@ -128,6 +128,7 @@ def _iter_tokens(
     logits = out.logits[torch.arange(batch, device=device), last]
     next_pos = attention_mask.sum(-1, keepdim=True)
 
+    switch = _long_rope_switch(model)
     for step in range(max_new_tokens):
         tok = next_token(logits, temperature, top_k, top_p, generator)
         tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
@@ -139,9 +140,26 @@ def _iter_tokens(
         if step == max_new_tokens - 1:
             return  # the last token needs no forward pass
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
-        out = model(tok[:, None], attention_mask=attention_mask, position_ids=next_pos, kv_cache=cache)
+        input_ids = torch.cat([input_ids, tok[:, None]], dim=1)
+        if switch is not None and input_ids.shape[1] == switch + 1:
+            # LongRoPE changes every frequency once the sequence outgrows the pre-training
+            # length, and the cached keys were rotated with the short ones: run the whole
+            # sequence again with the long ones, as transformers' Phi-3 generate does.
+            position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+            out = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, kv_cache=KVCache(),
+                        use_cache=True)
+            cache = out.kv_cache
+        else:
+            out = model(tok[:, None], attention_mask=attention_mask, position_ids=next_pos, kv_cache=cache)
         logits = out.logits[:, -1]
         next_pos = next_pos + 1
+
+
+def _long_rope_switch(model: torch.nn.Module) -> int | None:
+    """The pre-training length of a LongRoPE model (where its RoPE switches to the long
+    factors), or None."""
+    scaling = getattr(getattr(model, "config", None), "rope_scaling", None) or {}
+    return scaling.get("original_max_position_embeddings") if scaling.get("rope_type") == "longrope" else None
 
 
 def _per_row_adapters(model: torch.nn.Module, adapter_names: Sequence[str] | None, rows: int):

@@ -66,7 +66,7 @@ from .lm_head import CausalLMOutput, causal_lm_head
 from .rms_norm import RMSNorm
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu}
 
 
@@ -89,6 +89,7 @@ class LlamaConfig:
     o_bias: bool = False  # bias on o_proj (Llama attention_bias; never for Qwen2)
     mlp_bias: bool = False
     qk_norm: bool = False  # RMSNorm on each head's q and k before RoPE (Qwen3)
+    partial_rotary_factor: float = 1.0  # RoPE rotates the first head_dim * this channels (Phi-4-mini: 0.75)
     attention_dropout: float = 0.0
     initializer_range: float = 0.02  # std for weights a checkpoint lacks
     sliding_window: int | None = None
@@ -96,11 +97,13 @@ class LlamaConfig:
     model_type: str = "llama"
     extra: dict = field(default_factory=dict, repr=False)  # config.json keys we don't use
 
+    model_types = SUPPORTED_MODEL_TYPES  # the model_type values this config class reads
+
     def __post_init__(self):
-        if self.model_type not in SUPPORTED_MODEL_TYPES:
+        if self.model_type not in self.model_types:
             raise ValueError(
                 f"LlamaConfig does not support model_type {self.model_type!r}; "
-                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}."
+                f"supported: {', '.join(self.model_types)}."
             )
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
@@ -194,14 +197,27 @@ class LlamaConfig:
         return cls(**known, extra={k: v for k, v in d.items() if k not in known})
 
 
-def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
-    """theta_i = base^(-2i/d) for i < d/2, then the rope_scaling rule, in fp32 on the CPU."""
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+def rotary_dim(config: LlamaConfig) -> int:
+    """How many channels of a head RoPE rotates (all of them unless partial_rotary_factor < 1)."""
+    return int(config.head_dim * config.partial_rotary_factor)
+
+
+def rope_inv_freq(config: LlamaConfig, long: bool = False) -> torch.Tensor:
+    """theta_i = base^(-2i/d) for i < d/2, then the rope_scaling rule, in fp32 on the CPU.
+
+    longrope (Phi-3) divides each theta_i by a per-frequency factor, from `short_factor`
+    while the sequence fits the pre-training length and from `long_factor` (long=True)
+    beyond it."""
+    dim = rotary_dim(config)
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
     scaling = config.rope_scaling
+    rope_type = None if scaling is None else scaling.get("rope_type", scaling.get("type"))
+    if rope_type == "longrope":
+        factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32)
+        return 1.0 / (factors * config.rope_theta ** exponents)
+    inv_freq = 1.0 / (config.rope_theta ** exponents)
     if scaling is None:
         return inv_freq
-    rope_type = scaling.get("rope_type", scaling.get("type"))
     if rope_type == "linear":  # position interpolation: positions m become m / factor
         return inv_freq / scaling["factor"]
     # llama3: see the module docstring for the three wavelength bands.
@@ -221,7 +237,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (batch, heads, seq, head_dim); cos, sin: (batch or 1, seq, head_dim)."""
+    """x: (batch, heads, seq, head_dim); cos, sin: (batch or 1, seq, rotated channels).
+
+    With partial rotary (fewer rotated channels than head_dim) the rest pass unrotated."""
+    rot = cos.shape[-1]
+    if rot < x.shape[-1]:
+        x, rest = x[..., :rot], x[..., rot:]
+        return torch.cat((x * cos[:, None] + rotate_half(x) * sin[:, None], rest), dim=-1)
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
@@ -242,14 +264,20 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, kv_cache: KVCache | None):
+    def project(self, x) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v as (batch, seq, heads, head_dim)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        return q, k, v
+
+    def forward(self, x, cos, sin, mask, kv_cache: KVCache | None):
+        B, T, _ = x.shape
+        q, k, v = self.project(x)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
@@ -277,10 +305,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    attention_class, mlp_class = LlamaAttention, LlamaMLP  # Phi-3 swaps in its fused ones
+
     def __init__(self, config: LlamaConfig, layer_idx: int):
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_idx)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = self.attention_class(config, layer_idx)
+        self.mlp = self.mlp_class(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.sliding = config.layer_types[layer_idx] == "sliding_attention"
@@ -293,6 +323,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaForCausalLM(nn.Module):
     # Takes labels= and return_logits=False: the caller needs the loss only (lm_head.py).
     fused_lm_loss = True
+    layer_class = LlamaDecoderLayer  # a family with another block (Phi-3) swaps this
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -301,7 +332,7 @@ class LlamaForCausalLM(nn.Module):
         # a wrapper class: model.embed_tokens, model.layers.N..., model.norm.
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
-            layers=nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)),
+            layers=nn.ModuleList(self.layer_class(config, i) for i in range(config.num_hidden_layers)),
             norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
         ))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -310,7 +341,7 @@ class LlamaForCausalLM(nn.Module):
         self.checkpoint_every = 1  # with checkpointing on: layers 0, N, 2N, ... (grad_checkpoint.enable)
         # RoPE frequencies are a pure function of the config: kept out of the state
         # dict and out of meta-device construction, recomputed per device on demand.
-        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+        self._inv_freq: dict[tuple[torch.device, bool], torch.Tensor] = {}
 
     @property
     def tied_weights(self) -> dict[str, str]:
@@ -337,16 +368,26 @@ class LlamaForCausalLM(nn.Module):
         self._inv_freq = {}
         self._rope_inv_freq(torch.device(device))
 
-    def _rope_inv_freq(self, device: torch.device) -> torch.Tensor:
-        if device not in self._inv_freq:
+    def _rope_inv_freq(self, device: torch.device, long: bool = False) -> torch.Tensor:
+        if (device, long) not in self._inv_freq:
             # Computed on the CPU in fp32 so every device rotates by bit-identical angles.
-            self._inv_freq[device] = rope_inv_freq(self.config).to(device)
-        return self._inv_freq[device]
+            self._inv_freq[device, long] = rope_inv_freq(self.config, long).to(device)
+        return self._inv_freq[device, long]
 
     def rope_cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype):
-        angles = position_ids[..., None].float() * self._rope_inv_freq(position_ids.device)
+        scaling = self.config.rope_scaling or {}
+        long, factor = False, 1.0
+        if scaling.get("rope_type") == "longrope":
+            # The long factors once the sequence outgrows the pre-training length, as
+            # transformers decides it: by the largest position in this call.
+            long = int(position_ids.max()) + 1 > scaling["original_max_position_embeddings"]
+            factor = scaling["attention_factor"]
+        angles = position_ids[..., None].float() * self._rope_inv_freq(position_ids.device, long)
         emb = torch.cat((angles, angles), dim=-1)  # channel i and i + d/2 share an angle
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if factor != 1.0:
+            cos, sin = cos * factor, sin * factor
+        return cos.to(dtype), sin.to(dtype)
 
     def forward(
         self,
