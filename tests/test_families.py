@@ -1,6 +1,6 @@
 """The newer causal-LM families against transformers and peft, on tiny random configs.
 
-For each family (Qwen3, Phi-3): a folder transformers saved loads in minilora with the same
+For each family (Qwen3, Phi-3, Gemma 2, Gemma 3 text): a folder transformers saved loads in minilora with the same
 logits; one LoRA step on all seven projections gives the loss and adapter gradients
 peft gives on transformers' model with the same adapter; greedy generation with the KV
 cache gives transformers' tokens on a left-padded batch; an NF4 base trains.
@@ -49,6 +49,18 @@ FAMILIES = {
         "short_factor": [1.0 + 0.1 * i for i in range(ROTATED // 2)],
         "long_factor": [2.0 + 0.5 * i for i in range(ROTATED // 2)],
         "original_max_position_embeddings": 10}), PHI3_TARGETS),
+    # Gemma 2: sandwich norms, sqrt(hidden) embeddings, GeGLU, attention and final-logit
+    # soft-capping, query_pre_attn_scalar, sliding (layer 0, window 5) and full layers, tied head
+    "gemma2": (lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        **COMMON, head_dim=16, query_pre_attn_scalar=24, sliding_window=5, attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0)), LLAMA_TARGETS),
+    # Gemma 3: q/k norms, its own RoPE base for the sliding layers and linear scaling on
+    # the full ones, layer types given, untied head
+    "gemma3": (lambda: transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+        **{**COMMON, "num_hidden_layers": 3}, head_dim=16, query_pre_attn_scalar=16, sliding_window=5,
+        tie_word_embeddings=False, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}})), LLAMA_TARGETS),
 }
 
 

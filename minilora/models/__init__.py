@@ -4,7 +4,7 @@ A checkpoint folder's config.json names its architecture family in `model_type`
 ("bert", "llama", ...). The family fixes the config class (how config.json is
 read) and, per task, the model class:
 
-    "causal-lm"                -> next-token prediction (Llama, Mistral, Qwen2, Qwen3, Phi-3, GPT-2)
+    "causal-lm"                -> next-token prediction (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2/3, GPT-2)
     "sequence-classification"  -> encoder + classification head (BERT, DistilBERT, RoBERTa)
     "embedding"                -> the plain encoder's last hidden states (BERT, DistilBERT, RoBERTa)
 
@@ -42,6 +42,8 @@ _REGISTRY: dict[str, tuple[object, dict[str, object]]] = {
     "mistral": ("minilora.models.llama:LlamaConfig", _CAUSAL_LLAMA),
     "qwen2": ("minilora.models.llama:LlamaConfig", _CAUSAL_LLAMA),
     "qwen3": ("minilora.models.llama:LlamaConfig", _CAUSAL_LLAMA),
+    "gemma2": ("minilora.models.gemma:GemmaConfig", {"causal-lm": "minilora.models.gemma:GemmaForCausalLM"}),
+    "gemma3_text": ("minilora.models.gemma:GemmaConfig", {"causal-lm": "minilora.models.gemma:GemmaForCausalLM"}),
     "phi3": ("minilora.models.phi3:Phi3Config", {"causal-lm": "minilora.models.phi3:Phi3ForCausalLM"}),
     "roberta": (
         "minilora.models.roberta:RobertaConfig",
