@@ -165,3 +165,22 @@ def test_nf4_base_trains(case):
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_adapter_saved_by_minilora_gives_peft_the_same_logits(case, tmp_path):
+    folder, targets = case
+    ours = minilora.load_model(folder, task="causal-lm", dtype="float32")
+    inject(ours, LoraConfig(r=4, alpha=8, target_modules=targets, task_type="CAUSAL_LM"))
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for _, layer in lora_layers(ours):
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.1)
+    minilora.save_adapter(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(hf_model(folder), tmp_path / "ours").eval()
+    ids, mask, _ = padded("left")
+    with torch.no_grad():
+        got = ours.eval()(ids, attention_mask=mask).logits[mask.bool()]
+        want = theirs(input_ids=ids, attention_mask=mask).logits[mask.bool()]
+        base = hf_model(folder)(input_ids=ids, attention_mask=mask).logits[mask.bool()]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert (want - base).abs().max() > 1e-2  # the adapter changed the logits
