@@ -184,3 +184,13 @@ def test_adapter_saved_by_minilora_gives_peft_the_same_logits(case, tmp_path):
         base = hf_model(folder)(input_ids=ids, attention_mask=mask).logits[mask.bool()]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert (want - base).abs().max() > 1e-2  # the adapter changed the logits
+
+
+def test_info_lists_the_family_target_names(case):
+    from minilora.cli.info import describe
+
+    folder, targets = case
+    text = describe(folder)
+    for name in targets:
+        assert f".N.{'self_attn' if name in ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'qkv_proj') else 'mlp'}.{name} " \
+            in text, (name, text)

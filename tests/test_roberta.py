@@ -118,3 +118,12 @@ def test_nf4_base_trains(folder):
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_info_lists_roberta_target_names(folder):
+    from minilora.cli.info import describe
+
+    text = describe(folder)
+    assert "roberta (RobertaModel)" in text
+    for name in ("attention.self.query", "attention.self.value", "intermediate.dense", "output.dense"):
+        assert f"encoder.layer.N.{name} " in text, text
