@@ -194,3 +194,32 @@ def test_info_lists_the_family_target_names(case):
     for name in targets:
         assert f".N.{'self_attn' if name in ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'qkv_proj') else 'mlp'}.{name} " \
             in text, (name, text)
+
+
+def test_fast_path_equals_plain(case):
+    # minilora.fast on the family (the chunked loss where the logits are not capped):
+    # the same loss and adapter gradients as the plain path.
+    import copy
+
+    import minilora.fast
+
+    folder, targets = case
+    plain = minilora.load_model(folder, task="causal-lm", dtype="float32")
+    inject(plain, LoraConfig(r=4, alpha=8, target_modules=targets))
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for _, layer in lora_layers(plain):
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.1)
+    fast = copy.deepcopy(plain)
+    assert minilora.fast.enable(fast)["linear_ce"] == 1  # Gemma 2's capped logits take the plain head at run time
+    ids, mask, labels = padded("right")
+    results = []
+    for model in (plain, fast):
+        model.train()
+        out = model(ids, attention_mask=mask, labels=labels, return_logits=False)
+        out.loss.backward()
+        results.append((out.loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    assert results[0][1].keys() == results[1][1].keys() and results[0][1]
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)

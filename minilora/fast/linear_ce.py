@@ -46,8 +46,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..models.gemma import GemmaForCausalLM
 from ..models.gpt2 import GPT2LMHeadModel
 from ..models.llama import LlamaForCausalLM
+from ..models.phi3 import Phi3ForCausalLM
 from ..models.lm_head import IGNORE_INDEX, next_token_labels
 from .swap import swap_class
 
@@ -188,7 +190,9 @@ class FusedLossHead:
     lm_head: nn.Module
 
     def head(self, hidden: Tensor, labels: Tensor | None, return_logits: bool = True):
-        if labels is None or return_logits or type(self.lm_head) is not nn.Linear:
+        # Gemma 2's logits are soft-capped (c tanh(z / c)), which this loss does not compute.
+        capped = getattr(self.config, "final_logit_softcapping", None) is not None
+        if labels is None or return_logits or type(self.lm_head) is not nn.Linear or capped:
             return super().head(hidden, labels, return_logits)
         targets = next_token_labels(labels.to(hidden.device))
         count = (targets != IGNORE_INDEX).sum()
@@ -205,7 +209,16 @@ class FusedLossGPT2LMHeadModel(FusedLossHead, GPT2LMHeadModel):
     pass
 
 
-_FUSED = {LlamaForCausalLM: FusedLossLlamaForCausalLM, GPT2LMHeadModel: FusedLossGPT2LMHeadModel}
+class FusedLossPhi3ForCausalLM(FusedLossHead, Phi3ForCausalLM):
+    pass
+
+
+class FusedLossGemmaForCausalLM(FusedLossHead, GemmaForCausalLM):
+    pass
+
+
+_FUSED = {LlamaForCausalLM: FusedLossLlamaForCausalLM, GPT2LMHeadModel: FusedLossGPT2LMHeadModel,
+          Phi3ForCausalLM: FusedLossPhi3ForCausalLM, GemmaForCausalLM: FusedLossGemmaForCausalLM}
 
 
 def install(model: nn.Module) -> int:
