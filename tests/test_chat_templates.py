@@ -254,3 +254,13 @@ def test_caller_objects_reach_the_template_as_plain_data(tmp_path):
     got = ours.apply_chat_template(messages, add_generation_prompt=False)
     assert got == hf.apply_chat_template(messages, tokenize=False)
     assert got == "user:x:False:('a', 1);assistant:y:False:<object>;"
+
+
+def test_numpy_scalars_become_python_values(tmp_path):
+    import numpy as np
+
+    folder = _folder(tmp_path, "{% for m in messages %}{{ m.n + 1 }}{% if m.flag %}!{% endif %};{% endfor %}")
+    ours, hf = load_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
+    messages = [{"role": "user", "content": "x", "n": np.int64(4), "flag": np.bool_(False)}]
+    got = ours.apply_chat_template(messages, add_generation_prompt=False)
+    assert got == hf.apply_chat_template(messages, tokenize=False) == "5;"

@@ -29,6 +29,7 @@ numbers, lists, dicts), so no object with methods reaches the sandbox.
 from __future__ import annotations
 
 import json
+import re
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime
@@ -127,8 +128,6 @@ def plain(value: Any) -> Any:
     """`value` rebuilt from JSON types; anything else becomes a placeholder naming its type."""
     if value is None or type(value) in (str, int, float, bool):
         return value
-    if isinstance(value, bool):
-        return bool(value)
     if isinstance(value, str):
         return str.__str__(value)
     if isinstance(value, int):
@@ -141,8 +140,8 @@ def plain(value: Any) -> Any:
         return [plain(v) for v in value]
     if isinstance(value, tuple):
         return tuple(plain(v) for v in value)
-    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", None) == 0:
-        return plain(value.item())  # a numpy or torch scalar
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        return plain(value.item())  # a numpy scalar (np.bool_(False) must stay falsy)
     return f"<{type(value).__name__}>"
 
 
@@ -195,6 +194,4 @@ def _recording():
 
 def has_generation_blocks(source: str) -> bool:
     """Whether the template marks the assistant's text with {% generation %}."""
-    import re
-
     return re.search(r"\{%-?\s*generation\s*-?%\}", source) is not None
