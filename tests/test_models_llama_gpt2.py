@@ -236,9 +236,9 @@ def test_qwen2_and_mistral_switches():
 
 
 def test_unsupported_configs_name_the_problem():
-    with pytest.raises(ValueError, match=r"'qwen3'.*llama, mistral, qwen2"):
-        LlamaConfig.from_hf({"model_type": "qwen3"})
-    with pytest.raises(ValueError, match=r"'yarn'.*default, linear, llama3"):
+    with pytest.raises(ValueError, match=r"'qwen2_moe'.*llama, mistral, qwen2, qwen3"):
+        LlamaConfig.from_hf({"model_type": "qwen2_moe"})
+    with pytest.raises(ValueError, match=r"'yarn'.*default, linear, llama3, longrope"):
         LlamaConfig.from_hf({"model_type": "llama", "rope_scaling": {"type": "yarn", "factor": 4.0}})
     with pytest.raises(ValueError, match="cross-attention"):
         GPT2Config.from_hf({"model_type": "gpt2", "add_cross_attention": True})

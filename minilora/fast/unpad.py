@@ -64,6 +64,7 @@ class Unpadded:
         self.batch, self.seq = attention_mask.shape
         flat = attention_mask.reshape(-1)
         rows = flat.nonzero().squeeze(1)
+        self.n_real = len(rows)  # rows[:n_real] are the real tokens, the rest padding taken along
         wanted = min(-(-len(rows) // ROW_BUCKET) * ROW_BUCKET, flat.numel())
         if wanted > len(rows):
             rows = torch.cat([rows, (flat == 0).nonzero().squeeze(1)[: wanted - len(rows)]])
@@ -74,10 +75,13 @@ class Unpadded:
         """(batch, seq, ...) -> (tokens, ...): the real tokens' rows."""
         return x.reshape(self.batch * self.seq, *x.shape[2:])[self.rows]
 
-    def spread(self, x: torch.Tensor) -> torch.Tensor:
-        """(tokens, ...) -> (batch, seq, ...), zeros at the padded positions."""
+    def spread(self, x: torch.Tensor, real_only: bool = False) -> torch.Tensor:
+        """(tokens, ...) -> (batch, seq, ...), zeros at the padded positions (with
+        real_only, also where the padding rows taken along would go)."""
+        rows = self.rows[: self.n_real] if real_only else self.rows
+        x = x[: self.n_real] if real_only else x
         out = x.new_zeros(self.batch * self.seq, *x.shape[1:])
-        return out.index_copy(0, self.rows, x).view(self.batch, self.seq, *x.shape[1:])
+        return out.index_copy(0, rows, x).view(self.batch, self.seq, *x.shape[1:])
 
     @classmethod
     def in_training(cls, attention_mask: torch.Tensor | None, training: bool) -> "Unpadded | None":
@@ -130,7 +134,7 @@ class RealTokenBertModel(BertModel):
         check_one_input(input_ids, inputs_embeds)
         h = _real_token_embeddings(self.embeddings, real, input_ids, token_type_ids, inputs_embeds)
         real.scores_mask = padding_mask(attention_mask, h.dtype)
-        h = real.spread(self.encoder(h, real))
+        h = real.spread(self.encoder(h, real), real_only=True)
         return EncoderOutput(last_hidden_state=h, pooler_output=self.pooler(h))
 
 
@@ -142,7 +146,7 @@ class RealTokenDistilBertModel(DistilBertModel):
         check_one_input(input_ids, inputs_embeds)
         h = _real_token_embeddings(self.embeddings, real, input_ids, inputs_embeds)
         real.scores_mask = padding_mask(attention_mask, h.dtype)
-        return EncoderOutput(last_hidden_state=real.spread(self.transformer(h, real)))
+        return EncoderOutput(last_hidden_state=real.spread(self.transformer(h, real), real_only=True))
 
 
 # The class a module has -> its real-token class (the attention modules' with or without

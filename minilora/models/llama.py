@@ -150,6 +150,8 @@ class LlamaConfig:
         rope_theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
         rope_type = rope.pop("rope_type", rope.pop("type", "default"))
         rope_scaling = None
+        if rope_type in ("longrope", "su"):
+            raise ValueError(f"rope type {rope_type!r} is read for Phi-3 (model_type 'phi3', models/phi3.py) only")
         if rope_type != "default":
             rope_scaling = {"rope_type": rope_type, **rope}
             if rope_type == "llama3":
