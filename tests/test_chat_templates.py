@@ -264,3 +264,24 @@ def test_numpy_scalars_become_python_values(tmp_path):
     messages = [{"role": "user", "content": "x", "n": np.int64(4), "flag": np.bool_(False)}]
     got = ours.apply_chat_template(messages, add_generation_prompt=False)
     assert got == hf.apply_chat_template(messages, tokenize=False) == "5;"
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "thinking", "reasoning"])
+def test_reasoning_under_any_name_reaches_templates_as_in_transformers(tmp_path, field):
+    folder = _folder(tmp_path, "{% for m in messages %}[{{ m.reasoning_content }}|{{ m.thinking }}|"
+                               "{{ m.reasoning }}]{% endfor %}")
+    ours, hf = load_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", field: "because"}]
+    got = ours.apply_chat_template(messages, add_generation_prompt=False)
+    assert got == hf.apply_chat_template(messages, tokenize=False)
+    assert got.count("because") >= 2
+
+
+def test_a_python_function_as_a_tool_is_a_clear_error(tmp_path):
+    ours = load_tokenizer(_folder(tmp_path, QWEN3))
+
+    def get_weather(city: str) -> str:
+        return city
+
+    with pytest.raises(TypeError, match="JSON-schema dicts.*get_weather"):
+        ours.apply_chat_template([{"role": "user", "content": "hi"}], tools=[get_weather])

@@ -145,13 +145,22 @@ def plain(value: Any) -> Any:
     return f"<{type(value).__name__}>"
 
 
+# The names a message's reasoning comes under; templates read reasoning_content (Qwen3)
+# or thinking (gpt-oss), so each message gets both, as transformers fills them.
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
 def _messages(messages) -> list[dict]:
     out = []
     for message in messages:
         if not isinstance(message, dict):
             raise TypeError(f"chat messages must be dicts like {{'role': 'user', 'content': '...'}}, got {message!r}")
         # As transformers does: a key whose value is None is dropped (an API's content=None).
-        out.append({k: v for k, v in message.items() if v is not None})
+        message = {k: v for k, v in message.items() if v is not None}
+        reasoning = next((message[k] for k in _REASONING_FIELDS if k in message), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        out.append(message)
     return plain(out)
 
 
@@ -163,6 +172,10 @@ def render(source: str, messages, *, add_generation_prompt: bool = False, tools=
     With spans=True, returns (text, [(start, end), ...]): the character ranges of the
     template's {% generation %} blocks. A template that fails raises ChatTemplateError
     naming `origin` (its file) and Jinja's message."""
+    for tool in tools or ():
+        if not isinstance(tool, dict):
+            raise TypeError(f"tools must be JSON-schema dicts ({{'type': 'function', 'function': {{...}}}}), got "
+                            f"{tool!r}; minilora does not turn Python functions into schemas")
     context = dict(plain(variables or {}))
     context.update(messages=_messages(messages), tools=plain(tools), documents=plain(documents),
                    add_generation_prompt=add_generation_prompt)
