@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .grad_checkpoint import checkpoint
-from .kv_cache import KVCache, build_attention_mask, start_forward
+from .kv_cache import build_attention_mask, start_forward
 from .lm_head import CausalLMOutput, causal_lm_head
 from .llama import (
     LlamaAttention,
@@ -48,7 +48,6 @@ from .llama import (
     LlamaDecoderLayer,
     LlamaForCausalLM,
     LlamaMLP,
-    apply_rope,
     rope_inv_freq,
 )
 
@@ -138,23 +137,13 @@ class GemmaAttention(LlamaAttention):
         self.scale = config.query_pre_attn_scalar ** -0.5
         self.softcap = config.attn_logit_softcapping
 
-    def forward(self, x, cos, sin, mask, kv_cache: KVCache | None):
-        B, T, _ = x.shape
-        q, k, v = self.project(x)
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v)
+    def attend(self, q, k, v, mask):
         groups = self.n_heads // self.n_kv_heads
         p = self.dropout if self.training else 0.0
         if self.softcap is None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                               dropout_p=p, scale=self.scale, enable_gqa=groups > 1)
-        else:
-            y = self._softcapped(q, k, v, mask, p, groups)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
+                                                  dropout_p=p, scale=self.scale, enable_gqa=groups > 1)
+        return self._softcapped(q, k, v, mask, p, groups)
 
     def _softcapped(self, q, k, v, mask, p, groups):
         # SDPA has no hook between the scores and the softmax, so Gemma 2 attends by hand:

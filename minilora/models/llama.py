@@ -284,14 +284,18 @@ class LlamaAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
+        y = self.attend(q, k, v, mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def attend(self, q, k, v, mask):
+        """softmax(q k^T / sqrt(head_dim) + mask) v, each (batch, heads, seq, head_dim)."""
         groups = self.n_heads // self.n_kv_heads
         # enable_gqa lets each kv head serve its `groups` query heads without copying K
         # and V to every head (a copy autograd would also keep for backward).
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=groups > 1,
         )
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class LlamaMLP(nn.Module):
