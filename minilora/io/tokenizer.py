@@ -28,7 +28,7 @@ import torch
 from tokenizers import Tokenizer as _Backend
 from tokenizers import processors
 
-from .chat_template import render
+from .chat_template import has_generation_blocks, render
 from .paths import resolve_model_path
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
@@ -233,7 +233,8 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tokenize: bool = False, *, tools: list[dict] | None = None,
-                            documents: list[dict] | None = None, **template_kwargs):
+                            documents: list[dict] | None = None, generation_spans: bool = False,
+                            **template_kwargs):
         """Render `[{"role", "content"}, ...]` with the model's own chat template.
 
         The text transformers' `apply_chat_template(messages, tokenize=False,
@@ -241,11 +242,19 @@ class Tokenizer:
         writes every special token itself, so none is added). Keywords such as
         `enable_thinking=False` reach the template as variables. A folder without a
         template renders ChatML (with a warning), as transformers once did by default.
+        With generation_spans=True: (text, [(start, end), ...]), the character ranges of
+        the template's {% generation %} blocks (see `marks_generation`).
         """
-        text = render(self._template() or CHATML_TEMPLATE, messages, add_generation_prompt=add_generation_prompt,
-                      tools=tools, documents=documents, origin=self._template_origin(),
-                      variables={**self.template_variables(), **template_kwargs})
-        return self.encode(text, add_special_tokens=False) if tokenize else text
+        rendered = render(self._template() or CHATML_TEMPLATE, messages, add_generation_prompt=add_generation_prompt,
+                          tools=tools, documents=documents, origin=self._template_origin(),
+                          variables={**self.template_variables(), **template_kwargs}, spans=generation_spans)
+        if generation_spans:
+            return rendered
+        return self.encode(rendered, add_special_tokens=False) if tokenize else rendered
+
+    def marks_generation(self) -> bool:
+        """Whether the chat template marks the assistant's text with {% generation %} blocks."""
+        return has_generation_blocks(self._template() or "")
 
     def _template_origin(self) -> str:
         if self._template():

@@ -34,7 +34,6 @@ from pathlib import Path
 
 import torch
 
-from ..io.chat_template import has_generation_blocks, render
 from ..io.text_files import utf8_errors_named
 
 IGNORE_INDEX = -100  # labels with this value carry no loss (torch's cross_entropy default)
@@ -361,11 +360,9 @@ def _marked_turns(tokenizer, messages: list[dict], assistant_turns: str) -> tupl
     """Labels from the template's own {% generation %} blocks, if it has them: every token
     that overlaps a block (the last block only for "last"), as transformers'
     return_assistant_tokens_mask marks them; None for a template without blocks."""
-    source = tokenizer._template() if hasattr(tokenizer, "_template") else None
-    if not source or not has_generation_blocks(source):
+    if not getattr(tokenizer, "marks_generation", lambda: False)():
         return None
-    text, spans = render(source, messages, add_generation_prompt=False, origin=tokenizer._template_origin(),
-                         variables=tokenizer.template_variables(), spans=True)
+    text, spans = tokenizer.apply_chat_template(messages, add_generation_prompt=False, generation_spans=True)
     if assistant_turns == "last":
         spans = spans[-1:]
     enc = tokenizer.backend.encode(text, add_special_tokens=False)
