@@ -91,3 +91,21 @@ def test_bad_tensors_are_refused_and_nothing_is_left_behind(tmp_path):
     with pytest.raises(ValueError, match="set twice"):
         w.add_uint32("k", 1)
         w.add_uint32("k", 2)
+
+
+def test_q8_0_bytes_equal_the_reference_quantizer():
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    from minilora.io.gguf_write import q8_0_bytes
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 128, generator=g) * torch.logspace(-3, 2, 6)[:, None]
+    x[1, :32] = 0.0  # a zero block: d = 0, q = 0
+    x[2, :32] = torch.tensor([127.0] + [k + 0.5 for k in range(-15, 16)])  # d = 1: exact halves to round
+    x[3, 32:64] = 127.0 / 2 ** torch.arange(32)  # exact powers of two
+    want = quantize(x.numpy(), GGMLQuantizationType.Q8_0).tobytes()
+    assert q8_0_bytes(x) == want
+    assert q8_0_bytes(x.bfloat16()) == quantize(x.bfloat16().float().numpy(), GGMLQuantizationType.Q8_0).tobytes()
+    with pytest.raises(ValueError, match="multiple of 32"):
+        q8_0_bytes(torch.zeros(2, 40))

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .atomic import atomic_write
 from .gguf import (
     ARRAY,
@@ -39,6 +41,29 @@ from .gguf import (
 )
 
 VERSION = 3
+Q8_0_BLOCK = 32
+
+
+def q8_0_bytes(x: torch.Tensor) -> bytes:
+    """x quantized to Q8_0 as llama.cpp's reference quantizer does (ggml-quants.c), byte for byte.
+
+    Blocks of 32 values along the last dimension, each stored as d (fp16) and 32 int8 q:
+
+        d = max_i |x_i| / 127,    q_i = round(x_i / d)  (halves away from zero; q = 0 where d = 0)
+
+    computed in fp32 with 1/d from the fp32 d, as the reference does, before d is
+    rounded to fp16. Dequantized, x_i is d q_i."""
+    if x.shape[-1] % Q8_0_BLOCK:
+        raise ValueError(f"Q8_0 needs rows that are a multiple of {Q8_0_BLOCK} values, got shape {tuple(x.shape)}")
+    blocks = x.detach().to(torch.float32).reshape(-1, Q8_0_BLOCK)
+    d = blocks.abs().amax(dim=1, keepdim=True) / 127
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    v = blocks * inv
+    a = v.abs()
+    whole = a.floor()
+    q = torch.sign(v) * (whole + torch.floor(2 * (a - whole)))  # roundf: a half goes away from zero
+    out = torch.cat([d.to(torch.float16).view(torch.uint8), q.to(torch.int8).view(torch.uint8)], dim=1)
+    return out.numpy().tobytes()
 
 
 def _string(text: str) -> bytes:
