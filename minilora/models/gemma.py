@@ -48,6 +48,7 @@ from .llama import (
     LlamaDecoderLayer,
     LlamaForCausalLM,
     LlamaMLP,
+    rope_cos_sin,
     rope_inv_freq,
 )
 
@@ -129,11 +130,10 @@ class GemmaConfig(LlamaConfig):
 
 
 class GemmaAttention(LlamaAttention):
+    norm_class = GemmaRMSNorm  # Gemma 3's q/k norms
+
     def __init__(self, config: GemmaConfig, layer_idx: int):
         super().__init__(config, layer_idx)
-        if config.qk_norm:  # Gemma 3: Gemma's own norm, not Llama's
-            self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
         self.scale = config.query_pre_attn_scalar ** -0.5
         self.softcap = config.attn_logit_softcapping
 
@@ -164,13 +164,11 @@ class GemmaMLP(LlamaMLP):
 
 
 class GemmaDecoderLayer(LlamaDecoderLayer):
-    attention_class, mlp_class = GemmaAttention, GemmaMLP
+    attention_class, mlp_class, norm_class = GemmaAttention, GemmaMLP, GemmaRMSNorm
 
     def __init__(self, config: GemmaConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         h, eps = config.hidden_size, config.rms_norm_eps
-        self.input_layernorm = GemmaRMSNorm(h, eps)
-        self.post_attention_layernorm = GemmaRMSNorm(h, eps)
         self.pre_feedforward_layernorm = GemmaRMSNorm(h, eps)
         self.post_feedforward_layernorm = GemmaRMSNorm(h, eps)
 
@@ -180,11 +178,10 @@ class GemmaDecoderLayer(LlamaDecoderLayer):
 
 
 class GemmaForCausalLM(LlamaForCausalLM):
-    layer_class = GemmaDecoderLayer
+    layer_class, norm_class = GemmaDecoderLayer, GemmaRMSNorm
 
     def __init__(self, config: GemmaConfig):
         super().__init__(config)
-        self.model.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self._local_config = None
         if config.rope_local_theta is not None:
             self._local_config = dataclasses.replace(config, rope_theta=config.rope_local_theta, rope_scaling=None)
@@ -193,9 +190,7 @@ class GemmaForCausalLM(LlamaForCausalLM):
         key = (position_ids.device, "local")
         if key not in self._inv_freq:
             self._inv_freq[key] = rope_inv_freq(self._local_config).to(position_ids.device)
-        angles = position_ids[..., None].float() * self._inv_freq[key]
-        emb = torch.cat((angles, angles), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return rope_cos_sin(position_ids, self._inv_freq[key], dtype)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, kv_cache=None,
                 use_cache=False, inputs_embeds=None, return_logits=True) -> CausalLMOutput:

@@ -234,6 +234,16 @@ def rope_inv_freq(config: LlamaConfig, long: bool = False) -> torch.Tensor:
     return torch.where(is_medium, blended, scaled)
 
 
+def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype, factor: float = 1.0):
+    """cos and sin of m theta_i for each position m, scaled by `factor` (LongRoPE's), in `dtype`."""
+    angles = position_ids[..., None].float() * inv_freq
+    emb = torch.cat((angles, angles), dim=-1)  # channel i and i + d/2 share an angle
+    cos, sin = emb.cos(), emb.sin()
+    if factor != 1.0:
+        cos, sin = cos * factor, sin * factor
+    return cos.to(dtype), sin.to(dtype)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -251,6 +261,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class LlamaAttention(nn.Module):
+    norm_class = RMSNorm  # of the per-head q/k norms (Qwen3); Gemma swaps in its own
     def __init__(self, config: LlamaConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -264,8 +275,8 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=config.o_bias)
         if config.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.q_norm = self.norm_class(self.head_dim, config.rms_norm_eps)
+            self.k_norm = self.norm_class(self.head_dim, config.rms_norm_eps)
 
     def project(self, x) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v as (batch, seq, heads, head_dim)."""
@@ -313,13 +324,14 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     attention_class, mlp_class = LlamaAttention, LlamaMLP  # Phi-3 swaps in its fused ones
+    norm_class = RMSNorm  # Gemma swaps in its own
 
     def __init__(self, config: LlamaConfig, layer_idx: int):
         super().__init__()
         self.self_attn = self.attention_class(config, layer_idx)
         self.mlp = self.mlp_class(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = self.norm_class(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = self.norm_class(config.hidden_size, config.rms_norm_eps)
         self.sliding = config.layer_types[layer_idx] == "sliding_attention"
 
     def forward(self, x, cos, sin, mask, kv_cache=None):
@@ -331,6 +343,7 @@ class LlamaForCausalLM(nn.Module):
     # Takes labels= and return_logits=False: the caller needs the loss only (lm_head.py).
     fused_lm_loss = True
     layer_class = LlamaDecoderLayer  # a family with another block (Phi-3) swaps this
+    norm_class = RMSNorm  # the final norm (Gemma swaps in its own)
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -340,7 +353,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
             layers=nn.ModuleList(self.layer_class(config, i) for i in range(config.num_hidden_layers)),
-            norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
+            norm=self.norm_class(config.hidden_size, config.rms_norm_eps),
         ))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
@@ -389,12 +402,7 @@ class LlamaForCausalLM(nn.Module):
             # transformers decides it: by the largest position in this call.
             long = int(position_ids.max()) + 1 > scaling["original_max_position_embeddings"]
             factor = scaling["attention_factor"]
-        angles = position_ids[..., None].float() * self._rope_inv_freq(position_ids.device, long)
-        emb = torch.cat((angles, angles), dim=-1)  # channel i and i + d/2 share an angle
-        cos, sin = emb.cos(), emb.sin()
-        if factor != 1.0:
-            cos, sin = cos * factor, sin * factor
-        return cos.to(dtype), sin.to(dtype)
+        return rope_cos_sin(position_ids, self._rope_inv_freq(position_ids.device, long), dtype, factor)
 
     def forward(
         self,
