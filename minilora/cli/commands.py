@@ -5,6 +5,7 @@
     minilora generate --model DIR [--adapter DIR] PROMPT
     minilora merge --model DIR --adapter DIR OUT
     minilora import-gguf FILE OUT_DIR
+    minilora export-gguf MODEL_DIR OUT.gguf [--adapter DIR [--lora-only]] [--type f16]
     minilora quantize IN_DIR OUT_DIR
     minilora info DIR
     minilora demo
@@ -120,6 +121,22 @@ def _cmd_import_gguf(args) -> int:
     return 0
 
 
+def _cmd_export_gguf(args) -> int:
+    from ..io.gguf_export import export_gguf, export_lora_gguf
+
+    if args.lora_only:
+        if args.adapter is None:
+            raise ValueError("--lora-only exports an adapter: pass it with --adapter DIR")
+        out = export_lora_gguf(args.model_dir, args.adapter, args.out)
+        print(f"wrote the LoRA adapter {out} (llama.cpp: llama-cli -m BASE.gguf --lora {out}; "
+              f"ollama: {out.stem}.Modelfile)")
+    else:
+        out = export_gguf(args.model_dir, args.out, adapter=args.adapter, out_type=args.type, pre=args.pre)
+        print(f"wrote {out} (llama.cpp: llama-cli -m {out}; ollama: ollama create NAME -f "
+              f"{out.with_name(out.stem + '.Modelfile')})")
+    return 0
+
+
 def _cmd_quantize(args) -> int:
     from ..fast import nf4_codec
     from ..io.loading import resolve_dtype
@@ -207,6 +224,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="output folder")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.set_defaults(func=_cmd_import_gguf)
+
+    p = sub.add_parser("export-gguf", help="write a model (merged with its adapter), or the adapter alone, as "
+                                           "GGUF for llama.cpp and ollama")
+    p.add_argument("model_dir", help="base HF model folder (16/32-bit or NF4)")
+    p.add_argument("out", help="the .gguf file to write (a .Modelfile for ollama is written beside it)")
+    p.add_argument("--adapter", default=None, help="adapter folder (peft format) to merge, or to export alone")
+    p.add_argument("--lora-only", action="store_true",
+                   help="write the adapter alone as a llama.cpp LoRA adapter (llama-cli --lora, ollama ADAPTER)")
+    p.add_argument("--type", default="f16", choices=("f32", "f16", "bf16", "q8_0"),
+                   help="tensor type of the matrices (default: f16; norms and biases stay f32)")
+    p.add_argument("--pre", default=None, metavar="NAME",
+                   help="llama.cpp's pre-tokenizer name, where minilora cannot tell it from tokenizer.json")
+    p.set_defaults(func=_cmd_export_gguf)
 
     p = sub.add_parser("quantize", help="write a 4-bit NF4 copy of an HF folder in bitsandbytes' format")
     p.add_argument("in_dir", help="HF model folder (16/32-bit safetensors)")

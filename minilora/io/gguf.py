@@ -78,6 +78,7 @@ GGML_TYPES: dict[int, GGMLType] = {
     30: GGMLType("BF16", 1, 2),
 }
 F32, F16, Q4_0, Q4_1, Q8_0 = 0, 1, 2, 3, 8
+BF16 = 30
 SUPPORTED_TYPES = (F32, F16, Q4_0, Q4_1, Q8_0)
 
 # Metadata value types. Fixed-size ones map to a struct format; 8 and 9 are variable.

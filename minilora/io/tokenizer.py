@@ -221,7 +221,8 @@ class Tokenizer:
 
     # -- chat formatting -------------------------------------------------------------
 
-    def _template(self) -> str | None:
+    def chat_template_text(self) -> str | None:
+        """The model's own chat template (the default one of a named list), or None."""
         t = self.chat_template
         if isinstance(t, list):  # some configs store named templates: [{"name", "template"}]
             t = next((x.get("template") for x in t if x.get("name") == "default"), None)
@@ -245,7 +246,7 @@ class Tokenizer:
         With generation_spans=True: (text, [(start, end), ...]), the character ranges of
         the template's {% generation %} blocks (see `marks_generation`).
         """
-        rendered = render(self._template() or CHATML_TEMPLATE, messages, add_generation_prompt=add_generation_prompt,
+        rendered = render(self.chat_template_text() or CHATML_TEMPLATE, messages, add_generation_prompt=add_generation_prompt,
                           tools=tools, documents=documents, origin=self._template_origin(),
                           variables={**self.template_variables(), **template_kwargs}, spans=generation_spans)
         if generation_spans:
@@ -254,10 +255,10 @@ class Tokenizer:
 
     def marks_generation(self) -> bool:
         """Whether the chat template marks the assistant's text with {% generation %} blocks."""
-        return has_generation_blocks(self._template() or "")
+        return has_generation_blocks(self.chat_template_text() or "")
 
     def _template_origin(self) -> str:
-        if self._template():
+        if self.chat_template_text():
             return self.config.get("chat_template_file", "the chat template")
         if not self._warned_chatml:
             self._warned_chatml = True
