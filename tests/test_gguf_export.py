@@ -32,9 +32,9 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
                "original_max_position_embeddings": 64}
 FAMILIES = {  # name: (family, pre-tokenizer, config overrides)
     "llama3": ("llama", "llama-bpe", dict(head_dim=32, rope_scaling=LLAMA3_ROPE)),
-    "llama_tied_linear": ("llama", "gpt-2", dict(tie_word_embeddings=True,
+    "llama_tied_linear": ("llama", "gpt-2", dict(tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
                                                 rope_scaling={"rope_type": "linear", "factor": 2.0})),
-    "mistral": ("mistral", "smollm", dict(sliding_window=4096)),
+    "mistral": ("mistral", "smollm", dict(sliding_window=4096, attention_bias=True)),  # transformers ignores it
     "qwen2": ("qwen2", "qwen2", dict(tie_word_embeddings=True)),
     "qwen3": ("qwen3", "qwen2", dict(head_dim=24)),
 }
@@ -310,6 +310,12 @@ def test_unknown_pre_tokenizer_says_what_was_found_and_to_pass_pre(tmp_path):
     assert fields(out)["tokenizer.ggml.pre"][1] == "gpt-2"
     r = run_cli(folder, tmp_path / "n.gguf")
     assert r.returncode == 2 and "--pre NAME" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_qwen3_with_biases_is_refused(tmp_path):
+    folder = tiny_folder(tmp_path / "q", "qwen3", "qwen2", attention_bias=True)
+    with pytest.raises(ExportError, match="'qwen3' graph has no place for them"):
+        export_gguf(folder, tmp_path / "m.gguf")
 
 
 def test_sentencepiece_style_tokenizer_is_refused(tmp_path):

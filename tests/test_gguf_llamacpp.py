@@ -186,7 +186,8 @@ TINY = {
     "llama3": ("llama", "llama-bpe", dict(head_dim=32, rope_scaling=LLAMA3_ROPE), True),
     "llama_linear_tied": ("llama", "gpt-2", dict(tie_word_embeddings=True, num_key_value_heads=4,
                                                  rope_scaling={"rope_type": "linear", "factor": 2.0}), False),
-    "mistral": ("mistral", "smollm", dict(sliding_window=4096), False),
+    "llama_biases": ("llama", "gpt-2", dict(attention_bias=True, mlp_bias=True), False),
+    "mistral": ("mistral", "smollm", dict(sliding_window=4096, attention_bias=True), False),  # a key Mistral ignores
     "qwen2": ("qwen2", "qwen2", dict(tie_word_embeddings=True), False),
     "qwen3": ("qwen3", "qwen2", dict(head_dim=24, num_hidden_layers=3, rope_theta=1e6), False),
 }

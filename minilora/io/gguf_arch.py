@@ -137,9 +137,10 @@ def gguf_arch(config: LlamaConfig) -> GGUFArch:
     if config.partial_rotary_factor != 1.0:
         raise ExportError(f"{model_type} with partial_rotary_factor {config.partial_rotary_factor}: llama.cpp's "
                           f"{ARCHITECTURES[model_type]!r} graph rotates whole heads")
-    if config.o_bias or config.mlp_bias or (config.qkv_bias and model_type != "qwen2"):
-        raise ExportError(f"{model_type} with biases on its projections (attention_bias / mlp_bias): "
-                          f"llama.cpp's {ARCHITECTURES[model_type]!r} graph has no place for them")
+    # llama.cpp's llama graph takes a bias on any projection, qwen2's on q/k/v, qwen3's on none.
+    if model_type == "qwen3" and (config.qkv_bias or config.o_bias or config.mlp_bias):
+        raise ExportError("qwen3 with biases on its projections (attention_bias / mlp_bias): llama.cpp's "
+                          "'qwen3' graph has no place for them")
     sliding = [t for t in config.layer_types if t == "sliding_attention"]
     if sliding and model_type != "mistral":
         raise ExportError(f"{model_type} with {len(sliding)} sliding-window layers: llama.cpp's "

@@ -167,8 +167,12 @@ class LlamaConfig:
             layer_types = d.get("layer_types") or [
                 "sliding_attention" if i >= max_window_layers else "full_attention" for i in range(n_layers)
             ]
+        # transformers' Qwen2 always has q/k/v biases; Mistral never has any (it ignores an
+        # attention_bias key), and only Llama reads mlp_bias.
         if model_type == "qwen2":
             qkv_bias, o_bias = True, False
+        elif model_type == "mistral":
+            qkv_bias = o_bias = False
         else:
             qkv_bias = o_bias = bool(d.get("attention_bias", False))
 
@@ -189,7 +193,7 @@ class LlamaConfig:
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
             o_bias=o_bias,
-            mlp_bias=bool(d.get("mlp_bias", False)),
+            mlp_bias=model_type == "llama" and bool(d.get("mlp_bias", False)),
             qk_norm=model_type == "qwen3",
             attention_dropout=float(d.get("attention_dropout", 0.0)),
             initializer_range=float(d.get("initializer_range", 0.02)),
