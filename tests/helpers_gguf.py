@@ -51,7 +51,41 @@ def train_tokenizer(pre: str, vocab_size: int = 600) -> Tokenizer:
     return tok
 
 
+def train_spm_tokenizer(vocab_size: int = 600) -> Tokenizer:
+    """A SentencePiece-style tokenizer as HF folders of Llama 2 and Mistral hold it: spaces
+    as "\u2581" and one put before the text (normalizers), BPE with byte_fallback (text
+    outside the vocabulary becomes <0xXX> byte tokens), ids 0-2 for <unk>, <s>, </s> and
+    3-258 for the bytes. Trained word by word, so no token spans two words."""
+    from tokenizers import normalizers
+
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never", split=True)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:200_000]
+    tok.train_from_iterator([text[i:i + 2000] for i in range(0, len(text), 2000)], trainer=trainer)
+    spec = json.loads(tok.to_str())
+    # The byte tokens belong to the model's vocabulary, not to the added (special) tokens.
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] in specials[:3]]
+    spec["pre_tokenizer"] = None
+    spec["decoder"] = {"type": "Sequence", "decoders": [
+        {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"},
+        {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
+    return Tokenizer.from_str(json.dumps(spec))
+
+
 def save_tokenizer(folder: Path, pre: str, add_bos: bool = False) -> None:
+    if pre == "spm":
+        tok = train_spm_tokenizer()
+        from tokenizers import processors
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", 1)])
+        tok.save(str(folder / "tokenizer.json"))
+        (folder / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "LlamaTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+            "chat_template": CHATML}))
+        return
     tok = train_tokenizer(pre)
     if add_bos:
         from tokenizers import processors
@@ -66,7 +100,8 @@ def save_tokenizer(folder: Path, pre: str, add_bos: bool = False) -> None:
 
 def tiny_folder(folder: Path, family: str, pre: str, seed: int = 0, add_bos: bool = False, vocab: int = 640,
                 **overrides) -> Path:
-    """A random `family` model (llama, qwen2, qwen3, mistral) saved by transformers, with a `pre` tokenizer."""
+    """A random `family` model (llama, qwen2, qwen3, mistral) saved by transformers, with a `pre` tokenizer
+    (a llama.cpp pre-tokenizer name, or "spm" for a SentencePiece-style one with ids <unk> 0, <s> 1, </s> 2)."""
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1,

@@ -318,12 +318,35 @@ def test_qwen3_with_biases_is_refused(tmp_path):
         export_gguf(folder, tmp_path / "m.gguf")
 
 
-def test_sentencepiece_style_tokenizer_is_refused(tmp_path):
+def test_sentencepiece_style_vocabulary(tmp_path):
+    """Llama 2's layout: scores that make llama.cpp merge in HF's merge order, byte and
+    unknown token types, the "▁" prefix, <s> added; no merges and no pre-tokenizer name."""
+    folder = tiny_folder(tmp_path / "l2", "llama", "spm", bos_token_id=1, eos_token_id=2, pad_token_id=None)
+    out = export_gguf(folder, tmp_path / "m.gguf", out_type="f32")
+    f = {k: v[1] for k, v in fields(out).items()}
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    assert f["tokenizer.ggml.model"] == "llama"
+    assert "tokenizer.ggml.pre" not in f and "tokenizer.ggml.merges" not in f
+    types, scores, tokens = f["tokenizer.ggml.token_type"], f["tokenizer.ggml.scores"], f["tokenizer.ggml.tokens"]
+    assert types[:3] == [2, 3, 3] and set(types[3:259]) == {6} and tokens[3 + 0x41] == "<0x41>"
+    assert set(types[259:600]) == {1} and set(types[600:]) == {5}
+    merged = [left + right for left, right in spec["model"]["merges"]]
+    for rank, token in enumerate(merged[:50]):
+        if merged.index(token) == rank:
+            assert scores[spec["model"]["vocab"][token]] == -rank
+    assert f["tokenizer.ggml.add_space_prefix"] is True and f["tokenizer.ggml.add_bos_token"] is True
+    assert (f["tokenizer.ggml.bos_token_id"], f["tokenizer.ggml.eos_token_id"], f["tokenizer.ggml.unknown_token_id"]) \
+        == (1, 2, 0)
+    with pytest.raises(ExportError, match="leave out --pre"):
+        export_gguf(folder, tmp_path / "n.gguf", pre="gpt-2")
+
+
+def test_wordpiece_tokenizer_is_refused(tmp_path):
     folder = tiny_folder(tmp_path / "l", "llama", "gpt-2")
     spec = json.loads((folder / "tokenizer.json").read_text())
-    spec["model"]["byte_fallback"] = True
+    spec["model"]["type"] = "WordPiece"
     (folder / "tokenizer.json").write_text(json.dumps(spec))
-    with pytest.raises(ExportError, match="SentencePiece-style BPE"):
+    with pytest.raises(ExportError, match="a WordPiece tokenizer; GGUF export writes BPE tokenizers"):
         export_gguf(folder, tmp_path / "m.gguf")
 
 

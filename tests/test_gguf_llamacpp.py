@@ -6,10 +6,11 @@
     agree to 1e-4 of their largest value; as f16 and q8_0, the first 16 tokens agree.
   * The same adapter as a llama.cpp LoRA file, applied at scale 1 on the f32 base
     export: the merged model's 32 tokens.
-  * Tiny random Llama 3 (with its RoPE scaling), Qwen2, Qwen3 and Mistral models: logits
-    to 1e-4.
+  * Tiny random Llama 3 (with its RoPE scaling), Llama 2 (SentencePiece-style tokenizer),
+    Qwen2, Qwen3 and Mistral models: logits to 1e-4.
   * Tokenizers: a mixed text (code, digits, accents, emoji, spaces) gives the same ids
-    in llama.cpp as in minilora for each pre-tokenizer name, SmolLM2's real one included.
+    in llama.cpp as in minilora for each pre-tokenizer name and for a SentencePiece-style
+    tokenizer (Llama 2's layout), SmolLM2's real one included.
 
 llama.cpp keeps its KV cache in f16 by default, which alone moves these logits by
 ~5e-4; the f32 comparisons ask for an f32 cache (type_k = type_v = GGML_TYPE_F32), so
@@ -187,6 +188,8 @@ TINY = {
     "llama_linear_tied": ("llama", "gpt-2", dict(tie_word_embeddings=True, num_key_value_heads=4,
                                                  rope_scaling={"rope_type": "linear", "factor": 2.0}), False),
     "llama_biases": ("llama", "gpt-2", dict(attention_bias=True, mlp_bias=True), False),
+    # Llama 2's layout: a SentencePiece-style tokenizer that puts <s> first
+    "llama2_spm": ("llama", "spm", dict(bos_token_id=1, eos_token_id=2, pad_token_id=None), False),
     "mistral": ("mistral", "smollm", dict(sliding_window=4096, attention_bias=True), False),  # a key Mistral ignores
     "qwen2": ("qwen2", "qwen2", dict(tie_word_embeddings=True), False),
     "qwen3": ("qwen3", "qwen2", dict(head_dim=24, num_hidden_layers=3, rope_theta=1e6), False),
@@ -209,14 +212,15 @@ def test_tiny_models_give_llama_cpp_minilora_logits(name, tmp_path):
     assert rel_err(np.array(llm.scores[:len(ids)]), ref) < RTOL
 
 
-@pytest.mark.parametrize("pre", ["gpt-2", "smollm", "llama-bpe", "qwen2"])
+@pytest.mark.parametrize("pre", ["gpt-2", "smollm", "llama-bpe", "qwen2", "spm"])
 def test_tokenizers_give_the_same_ids(pre, tmp_path):
     folder = tiny_folder(tmp_path / pre, "llama", pre)
     out = export_gguf(folder, tmp_path / "m.gguf", out_type="f32")
     llm = Llama(out, vocab_only=True)
     tok = minilora.load_tokenizer(folder)
-    for text in (MIXED_TEXT, " leading space", "x\n\n\ny", "1234567 89"):
-        assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text), text
+    for text in (MIXED_TEXT, " leading space", "x\n\n\ny", "1234567 89", "To be, or not to be: that is the question."):
+        # add_bos=True adds a BOS where the file says the tokenizer adds one (spm's <s>)
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok.encode(text), text
 
 
 def test_smollm2_tokenizer_and_chat_template(exports, smollm):

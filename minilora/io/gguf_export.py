@@ -34,7 +34,7 @@ from ..lora.adapters import load_adapter, read_raw_config
 from ..lora.inject import lora_layers, remove_lora
 from .atomic import atomic_write_text
 from .export import export_state_dict
-from .gguf import BF16, F16, F32, INT32, Q8_0, STRING
+from .gguf import BF16, F16, F32, FLOAT32, INT32, Q8_0, STRING
 from .gguf_arch import ExportError, GGUFArch, gguf_arch
 from .gguf_vocab import read_vocab
 from .gguf_write import Q8_0_BLOCK, GGUFWriter, q8_0_bytes
@@ -44,7 +44,7 @@ OUT_TYPES = {"f32": F32, "f16": F16, "bf16": BF16, "q8_0": Q8_0}
 # llama.cpp's general.file_type (LLAMA_FTYPE_ALL_F32, MOSTLY_F16, MOSTLY_Q8_0, MOSTLY_BF16).
 _FILE_TYPE = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}
 _TORCH = {F32: torch.float32, F16: torch.float16, BF16: torch.bfloat16}
-_ELEM = {"string[]": STRING, "int32[]": INT32}
+_ELEM = {"string[]": STRING, "int32[]": INT32, "float32[]": FLOAT32}
 
 
 def _add_metadata(writer: GGUFWriter, keys) -> None:
