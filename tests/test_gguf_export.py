@@ -192,6 +192,13 @@ def test_vocabulary_matches_the_tokenizer(family, tmp_path):
     assert f["tokenizer.chat_template"] == load_tokenizer(folder).chat_template_text()
 
 
+def test_mistral_sliding_window_is_noted(tmp_path):
+    folder = tiny_folder(tmp_path / "m", "mistral", "gpt-2", sliding_window=64)
+    said = []
+    export_gguf(folder, tmp_path / "m.gguf", log=said.append)
+    assert any("no sliding window; past 64 tokens" in line for line in said)
+
+
 def test_add_bos_follows_the_post_processor(tmp_path):
     folder = tiny_folder(tmp_path / "l3", "llama", "llama-bpe", add_bos=True)
     assert load_tokenizer(folder).encode("hi")[0] == 0

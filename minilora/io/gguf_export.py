@@ -119,6 +119,10 @@ def export_gguf(model_dir, out, adapter=None, out_type: str = "f16", pre: str | 
     model = _load(model_dir, log)
     arch = gguf_arch(model.config)
     vocab = read_vocab(model_dir, model.config.vocab_size, pre)  # before the merge: fail fast
+    window = model.config.sliding_window
+    if window is not None and window < model.config.max_position_embeddings:
+        log(f"note: llama.cpp's {arch.name!r} graph has no sliding window; past {window} tokens it attends "
+            f"further back than this model was trained to")
     if adapter is not None:
         load_adapter(model, adapter)
         remove_lora(model, merge=True)
