@@ -78,3 +78,13 @@ def smollm2_folder(model: str | None = None) -> Path:
         if old != final and time.time() - old.stat().st_mtime > 86400:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+if __name__ == "__main__":
+    # python examples/_smollm.py OUT_DIR: SmolLM2-135M-Instruct as an HF folder at OUT_DIR
+    # (the config files under examples/ read it from runs/smollm2-135m-instruct).
+    import sys
+
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python examples/_smollm.py OUT_DIR")
+    print(f"wrote {minilora.io.gguf_import.import_gguf(smollm2_gguf(), sys.argv[1], progress=True)}")

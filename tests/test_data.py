@@ -359,7 +359,7 @@ def test_shard_batches_split_each_global_batch():
             assert sum(parts, []) == b[:len(b) // world * world]  # contiguous, in order
     short = batching.shard_batches(batching.make_batches(list(range(10)), 4, 0, 0, drop_last=False), 0, 4)
     assert [len(b) for b in short] == [1, 1]  # the batch of 2 < world_size is dropped
-    with pytest.raises(ValueError, match="global batch size 6 is not divisible by world_size 4"):
+    with pytest.raises(ValueError, match="a global batch of 6 examples is not divisible by the 4 processes.*per process"):
         batching.shard_batches([[0, 1, 2, 3, 4, 5]], 0, 4)
 
 

@@ -135,14 +135,16 @@ def make_batches(lengths: Sequence[int], batch_size: int, seed: int = 0, epoch: 
 
 
 def shard_batches(batches: Sequence[Sequence[int]], rank: int, world_size: int) -> list[list[int]]:
-    """This rank's part of every global batch, for DDP: contiguous, equal slices.
+    """This rank's part of every global batch, under DDP or FSDP: contiguous, equal slices.
 
-    All ranks call this with the same `batches` (from make_batches with the same seed
-    and epoch), so step k of every rank belongs to the same global batch k and the
-    gradient all-reduce averages exactly that batch. The global batch size must be a
-    multiple of world_size. A short final batch is trimmed to the largest multiple of
-    world_size (dropped if smaller than world_size): every rank must run the same number
-    of steps with a non-empty batch, or DDP's all-reduce would wait forever.
+    `train.batch_size` is per process (as in transformers and torchtune): the loop builds
+    global batches of batch_size x world_size examples with make_batches and gives each
+    rank its slice. All ranks call this with the same `batches` (same seed and epoch),
+    so step k of every rank belongs to the same global batch k and the gradient
+    all-reduce averages exactly that batch. A short final batch is trimmed to the
+    largest multiple of world_size (dropped if smaller than world_size): every rank must
+    run the same number of steps with a non-empty batch, or the all-reduce would wait
+    forever.
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
@@ -150,9 +152,9 @@ def shard_batches(batches: Sequence[Sequence[int]], rank: int, world_size: int) 
         return []
     full = max(len(b) for b in batches)
     if full % world_size:
-        raise ValueError(f"global batch size {full} is not divisible by world_size {world_size}; "
-                         f"set train.batch_size to a multiple of {world_size} (it is the global "
-                         f"batch, split across the {world_size} processes)")
+        raise ValueError(f"a global batch of {full} examples is not divisible by the {world_size} processes; "
+                         f"build global batches of train.batch_size x {world_size} (train.batch_size is "
+                         f"per process)")
     out = []
     for b in batches:
         per = len(b) // world_size

@@ -144,6 +144,7 @@ class TrainSection:
     precision: str = "auto"                   # auto: bf16 on CUDA and bf16-capable CPUs, else fp32
     hold_cpu_memory: bool = True              # CPU, glibc: reuse freed memory across steps (fast/cpu_memory.py)
     fast: bool = True                         # minilora.fast: the same computation on faster paths; false: plain
+    distributed: str = "ddp"                  # under torchrun: "ddp" (whole model per process) or "fsdp" (base sharded)
 
 
 @dataclass
@@ -170,6 +171,7 @@ ENUMS = {
     ("train", "metric_for_best"): ("auto", "loss", "accuracy"),
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("train", "precision"): ("auto", "fp32", "bf16"),
+    ("train", "distributed"): ("ddp", "fsdp"),
 }
 
 _POSITIVE = (lambda v: v >= 1, "an integer >= 1")

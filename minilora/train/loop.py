@@ -45,7 +45,7 @@ from ..lora.trainable import save_trainable, trainable_state_dict
 from .batching import collate, make_batches, shard_batches
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainingDiverged
-from . import precision
+from . import precision, sharding
 from .metrics import accuracy, confusion_matrix, macro_f1, perplexity
 from .schedule import lr_at, warmup_steps_for
 
@@ -63,6 +63,7 @@ class TrainState:
     best_step: int | None = None
     bad_evals: int = 0
     history: list = field(default_factory=list)
+    world_size: int = 1  # processes the run had when this state was saved
 
 
 def _dist() -> tuple[int, int]:
@@ -147,11 +148,17 @@ def evaluate(model, examples, task, *, batch_size, pad_token_id, padding_side="r
     batches = make_batches([len(e["input_ids"]) for e in mine], batch_size, seed=0, epoch=0, shuffle=False)
     total = torch.zeros(2, dtype=torch.float64)  # loss sum, count
     confusion = torch.zeros(num_labels or 1, num_labels or 1, dtype=torch.long)
+    # Under FSDP each forward gathers on every process: all run as many as the busiest one,
+    # the extra ones on a batch of their own whose result is dropped.
+    runs = sharding.collectives_per_rank(len(batches), world) if _is_sharded(model) else len(batches)
     with Progress(len(batches), "eval", enabled=progress and rank == 0, unit="batches") as bar:
-        for idx in batches:
-            batch = _to(collate([mine[i] for i in idx], pad_token_id, padding_side), device)
+        for b in range(runs):
+            idx = batches[b] if b < len(batches) else [0]
+            batch = _to(collate([(mine or examples)[i] for i in idx], pad_token_id, padding_side), device)
             with autocast():
                 loss, logits = loss_sum(model, batch, task)
+            if b >= len(batches):
+                continue
             total += torch.tensor([loss.item(), target_count(batch, task)], dtype=torch.float64)
             if task == CLASSIFICATION:
                 confusion += confusion_matrix(logits.argmax(-1).cpu(), batch["labels"].cpu(), num_labels)
@@ -163,6 +170,12 @@ def evaluate(model, examples, task, *, batch_size, pad_token_id, padding_side="r
         _all_reduce(confusion, world)
         return {"loss": mean_loss, "accuracy": accuracy(confusion), "macro_f1": macro_f1(confusion)}
     return {"loss": mean_loss, "perplexity": perplexity(mean_loss)}
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 def check_finite(what: str, value: float, step: int) -> None:
@@ -246,11 +259,24 @@ def train(model: nn.Module, train_set: list[dict], eval_set: list[dict] | None, 
     if use_fast:
         fast.enable(model)
     model.to(device).train()
-    ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    mode = getattr(args, "distributed", "ddp")
+    if mode not in sharding.MODES:
+        raise ValueError(f"train.distributed = {mode!r}; choose one of {', '.join(sharding.MODES)}")
+    fsdp = world > 1 and mode == "fsdp"
+    trained = [p for p in model.parameters() if p.requires_grad]
+    if fsdp:  # the frozen base sharded, the adapter whole on every process (sharding.py)
+        sharding.shard_model(model)
+        ddp = model
+    else:
+        ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer = make_optimizer(model, args.lr, args.weight_decay, device, use_fast)
 
     lengths = [len(e["input_ids"]) for e in train_set]
-    global_batch = args.batch_size * world
+    global_batch = args.batch_size * world  # batch_size is per process, as in transformers and torchrun
+    if rank == 0 and world > 1:
+        print(f"{world} processes ({mode}): global batch {global_batch} = batch_size {args.batch_size} x {world}"
+              + (f", x grad_accum {args.grad_accum} = {global_batch * args.grad_accum} per optimizer step"
+                 if args.grad_accum > 1 else ""))
     batches_of = lambda epoch: make_batches(lengths, global_batch, args.seed, epoch, group_by_length=group_by_length)
     groups_per_epoch = math.ceil(len(batches_of(0)) / args.grad_accum)
     total_steps = args.max_steps or args.epochs * groups_per_epoch
@@ -259,10 +285,18 @@ def train(model: nn.Module, train_set: list[dict], eval_set: list[dict] | None, 
         args.metric_for_best == "auto" and task == CLASSIFICATION)
     best_key = {"auto": "accuracy" if task == CLASSIFICATION else "loss"}.get(args.metric_for_best, args.metric_for_best)
 
-    state = TrainState()
+    state = TrainState(world_size=world)
     if args.resume_from:
         saved = load_checkpoint(args.resume_from, model, optimizer)
         state = TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__ if k in saved})
+        if state.world_size != world and rank == 0:
+            # The adapter and its optimizer state are whole on every process, so any number
+            # of processes can take them up; but the global batch, and with it the data order
+            # and the rest of the run, change.
+            print(f"note: resuming on {world} process(es) a run checkpointed on {state.world_size}: the global "
+                  f"batch changes from {args.batch_size * state.world_size} to {global_batch} (train.batch_size is "
+                  f"per process), so the remaining steps differ from the run that was stopped")
+        state.world_size = world
         if out is not None:
             _truncate_log(out, state.step)
 
@@ -300,13 +334,16 @@ def train(model: nn.Module, train_set: list[dict], eval_set: list[dict] | None, 
                 group_loss = 0.0
                 for k, batch in enumerate(micro):
                     # Gradients are averaged across processes only on the group's last backward.
-                    sync = contextlib.nullcontext() if world == 1 or k == len(micro) - 1 else ddp.no_sync()
+                    last = k == len(micro) - 1
+                    sync = contextlib.nullcontext() if world == 1 or last or fsdp else ddp.no_sync()
                     with sync:
                         with autocast():
                             loss = loss_sum(ddp, batch, task)[0]  # logits not kept alive through backward
                         (loss * (world / max(n, 1.0))).backward()
                     group_loss += loss.item()
                     tokens += int(batch["attention_mask"].sum())
+                if fsdp:
+                    sharding.average_gradients(trained, world)
                 group_loss = _all_reduce(torch.tensor(group_loss), world).item() / max(n, 1.0)
                 check_finite("loss", group_loss, state.step + 1)
 

@@ -136,8 +136,8 @@ def run_training(cfg: Config, progress: bool = True, log=print, overwrite: bool 
     """Train as the config says, into output.dir, which this run holds (run_folder.py):
     locked while it runs, refused if it holds another run unless resuming it or `overwrite`."""
     check_run_settings(cfg)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 holds the folder
-        return _run_training(cfg, progress, log)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 holds the folder, writes and reports
+        return _run_training(cfg, progress, lambda line: None, writes=False)
     out = Path(cfg.output.dir)
     with RunLock(out, log):
         if cfg.train.resume_from is not None:
@@ -146,10 +146,11 @@ def run_training(cfg: Config, progress: bool = True, log=print, overwrite: bool 
         return _run_training(cfg, progress, log)
 
 
-def _run_training(cfg: Config, progress: bool, log) -> dict:
+def _run_training(cfg: Config, progress: bool, log, writes: bool = True) -> dict:
     out = Path(cfg.output.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.toml", cfg.to_toml())
+    if writes:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.toml", cfg.to_toml())
     tokenizer, data, model, num_labels = prepare(cfg, log)
     torch.manual_seed(cfg.train.seed)  # the adapter's initial A (or the prompt) depends on it
     prompt = cfg.model.method == "prompt_tuning"
@@ -167,14 +168,16 @@ def _run_training(cfg: Config, progress: bool, log) -> dict:
                    num_labels=num_labels, progress=progress, keep_last=cfg.output.save_total_limit,
                    group_by_length=cfg.data.group_by_length)
     seconds = time.perf_counter() - start
+    summary = {"train_seconds": seconds, "steps": result["state"].step, "eval": result["eval"],
+               "best": result["best"], "best_step": result["state"].best_step, "label_names": data.label_names}
+    if not writes:
+        return {**summary, "model": model, "tokenizer": tokenizer}
     if prompt:
         # A real folder, not pkg:NAME: peft re-reads the tokenizer of a "text" prompt it is to train further.
         save_prompt_tuning(model, out / "adapter", base_model_name_or_path=str(cfg.model.path),
                            tokenizer_name_or_path=str(resolve_model_path(cfg.model.path)))
     else:
         save_adapter(model, out / "adapter", base_model_name_or_path=str(cfg.model.path))
-    summary = {"train_seconds": seconds, "steps": result["state"].step, "eval": result["eval"],
-               "best": result["best"], "best_step": result["state"].best_step, "label_names": data.label_names}
     atomic_write_text(out / "run.json", json.dumps(summary, indent=1) + "\n")
     log(f"done in {seconds:.0f} s; adapter: {out / 'adapter'}; final eval: {result['eval']}")
     return {**summary, "model": model, "tokenizer": tokenizer}

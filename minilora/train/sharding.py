@@ -1,0 +1,107 @@
+"""`[train] distributed = "fsdp"`: the frozen base sharded across processes with PyTorch's
+FSDP2 (`fully_shard`), the adapter replicated as under DDP.
+
+Under DDP every process holds the whole model. LoRA trains a few million numbers next
+to a base of billions, so what fills a GPU is the frozen base, and that is what FSDP
+spreads out: each of N processes keeps 1/N of every base tensor, and a decoder layer's
+tensors are gathered whole only while that layer runs (forward, and again in backward),
+then freed:
+
+    resident per process  ≈  base / N  +  one layer gathered  +  adapter, its moments
+
+The adapter stays whole on every process (FSDP's `ignored_params`): its gradients are
+averaged with one all-reduce per optimizer step, as DDP does, so the optimizer, the
+checkpoints and the saved adapter are the single-process ones, and a run resumes on any
+number of processes. Sharding the adapter too would save its share of memory (with
+AdamW, 12 bytes a parameter in fp32; for r = 16 on every projection of an 8B model,
+about 0.5 GB per process) at the price of gathering it in every layer's forward and
+backward; for the adapters minilora trains, the replicated copy is the smaller cost.
+
+An NF4 base is sharded byte for byte: its packed codes and block scales become frozen
+(uint8 and fp32) parameters of the layer, which FSDP shards like any other, and the
+NF4 weight is rebuilt from them, gathered, each time the layer runs.
+
+Every process must run every layer's forward the same number of times, since each one
+gathers across all of them: evaluation pads the shorter shares with repeated batches
+whose results are dropped (`collectives_per_rank`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..qlora.nf4 import NF4Weight
+from ..qlora.nf4_linear import NF4Linear
+
+MODES = ("ddp", "fsdp")
+_NF4_PIECES = ("packed", "absmax", "nested_absmax", "offset")
+
+
+def transformer_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of layers: its longest nn.ModuleList."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        raise ValueError(f"{type(model).__name__} has no stack of layers (an nn.ModuleList) for FSDP to shard "
+                         "layer by layer; use train.distributed = \"ddp\"")
+    return max(lists, key=len)
+
+
+def _expose_nf4(layer: NF4Linear) -> None:
+    """Register the NF4 weight's tensors as frozen parameters and rebuild the weight from
+    them before each forward (when FSDP has gathered them)."""
+    w = layer.weight
+    for piece in _NF4_PIECES:
+        t = getattr(w, piece)
+        if t is not None:
+            layer.register_parameter(f"nf4_{piece}", nn.Parameter(t.reshape(-1).clone(), requires_grad=False))
+    scalar_offset = w.offset is not None and w.offset.dim() == 0
+    meta = dict(shape=w.shape, dtype=w.dtype, blocksize=w.blocksize, code=w.code, nested_code=w.nested_code)
+
+    def rebuild(module, args):
+        get = lambda piece: getattr(module, f"nf4_{piece}", None)  # noqa: E731
+        offset = get("offset")
+        if offset is not None and scalar_offset:
+            offset = offset.reshape(())
+        module._nf4 = NF4Weight(get("packed"), get("absmax"), meta["shape"], meta["dtype"], meta["blocksize"],
+                                meta["code"], get("nested_absmax"), meta["nested_code"], offset)
+
+    layer.register_forward_pre_hook(rebuild)
+    layer._nf4 = None  # the parameters are the weight now; the pre-hook rebuilds it
+
+
+def shard_model(model: nn.Module) -> None:
+    """Shard the frozen base of `model` across the process group, layer by layer, in place."""
+    from torch.distributed.fsdp import fully_shard
+
+    for module in list(model.modules()):
+        if isinstance(module, NF4Linear):
+            _expose_nf4(module)
+    adapter = {p for p in model.parameters() if p.requires_grad}
+    for block in transformer_blocks(model):
+        fully_shard(block, ignored_params=adapter)
+    fully_shard(model, ignored_params=adapter)
+
+
+def average_gradients(params: list[nn.Parameter], world: int) -> None:
+    """The adapter's gradients averaged over the processes (what DDP's all-reduce does)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if world == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def collectives_per_rank(n_local: int, world: int) -> int:
+    """How many forwards every process runs when each has `n_local` of its own: the most any has."""
+    if world == 1:
+        return n_local
+    t = torch.tensor([n_local])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
