@@ -5,9 +5,10 @@ CPU processes (gloo), on SmolLM2-135M-Instruct.
     .venv/bin/python benchmarks/bench_fsdp_memory.py --nf4           # the NF4 base
     .venv/bin/python benchmarks/bench_fsdp_memory.py --model DIR     # another HF folder
 
-Each process loads the model, injects LoRA on every projection, shards the base
-(sharding.shard_model) when N > 1, frees what sharding let go (gc, malloc_trim) and
-reports:
+Each process loads the model (for N > 1 as `minilora train` does under FSDP: a 16/32-bit
+base sharded on the meta device and read shard by shard, an NF4 base quantized whole and
+sharded after), injects LoRA on every projection, frees what it can (gc, malloc_trim)
+and reports:
 
 - base_mb: bytes of the base tensors this process holds (its shards), counted;
 - rss_mb: resident memory added since just before loading (what the process pays);
@@ -59,7 +60,10 @@ def worker(folder: str, nf4: bool) -> None:
         dist.init_process_group("gloo")
     gc.collect()
     before = rss_mb()
-    model = minilora.load_model(folder, task="causal-lm", dtype=torch.float32, quantize="nf4" if nf4 else None)
+    # As `minilora train` loads under FSDP: a 16/32-bit base read shard by shard, an NF4 one
+    # quantized whole and sharded after.
+    model = minilora.load_model(folder, task="causal-lm", dtype=torch.float32, quantize="nf4" if nf4 else None,
+                                sharded=world > 1)
     minilora.inject(model, minilora.LoraConfig(r=8, alpha=16, target_modules=TARGETS))
     if world > 1:
         sharding.shard_model(model)

@@ -35,7 +35,11 @@ def examples(n=40, seed=0):
 
 
 def run(folder, out, mode="ddp", nf4=False, checkpointing=False, grad_accum=1, batch_size=8):
-    model = minilora.load_model(folder, task="causal-lm", dtype=torch.float32, quantize="nf4" if nf4 else None)
+    if mode == "fsdp" and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    # Under FSDP each process reads only its shards (an NF4 base: quantized whole, then sharded).
+    model = minilora.load_model(folder, task="causal-lm", dtype=torch.float32, quantize="nf4" if nf4 else None,
+                                sharded=mode == "fsdp")
     torch.manual_seed(int(os.environ.get("INIT_SEED", "2")))
     inject(model, LoraConfig(r=4, alpha=8.0, dropout=0.0,
                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))

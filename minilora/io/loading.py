@@ -135,7 +135,7 @@ def _put(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def _init_new(model: nn.Module, name: str, shape, dtype, device, std: float) -> None:
+def _init_new(model: nn.Module, name: str, shape, dtype, device, std: float, put=_put) -> None:
     """Initialise a tensor the checkpoint lacks as transformers does: normal(0, std)
     for matrices (linear, embedding), zeros for biases, ones for norm gains."""
     t = torch.empty(shape, dtype=dtype, device=device)
@@ -148,7 +148,7 @@ def _init_new(model: nn.Module, name: str, shape, dtype, device, std: float) -> 
         t.normal_(0.0, std)
         if isinstance(module, nn.Embedding) and module.padding_idx is not None:
             t[module.padding_idx].zero_()
-    _put(model, name, t)
+    put(model, name, t)
 
 
 def _with_num_labels(config, num_labels: int):
@@ -194,7 +194,7 @@ def _read_in_chunks(file: Path, key: str, shape, dtype, device) -> torch.Tensor:
     return out
 
 
-def _fill(model, shards, expected, tied, target_dtype, device, nf4: dict | None = None):
+def _fill(model, shards, expected, tied, target_dtype, device, nf4: dict | None = None, put=_put):
     """Stream every checkpoint tensor into `model`, one at a time.
 
     nf4 (quantization): {"quantize": our weight names to quantize, "groups": bitsandbytes
@@ -283,10 +283,10 @@ def _fill(model, shards, expected, tied, target_dtype, device, nf4: dict | None 
                         # Own memory, not a view of the file: a view would vanish with the
                         # mapping, and rewriting the file would change the model under us.
                         out = out.clone()
-                    _put(model, name, out)
+                    put(model, name, out)
             if deferred is not None:
                 del raw, tensor, converted  # the mapping above must go before the chunks are read
-                _put(model, name, _read_in_chunks(file, ckpt_key, *deferred, device))
+                put(model, name, _read_in_chunks(file, ckpt_key, *deferred, device))
     return filled, unexpected, dropped, loaded_dtype
 
 
@@ -301,6 +301,7 @@ def load_model(
     double_quant: bool = True,
     blocksize: int = 64,
     compute_dtype=None,
+    sharded: bool = False,
 ) -> nn.Module:
     """Build our model for `task` from a Hugging Face folder and fill it from safetensors.
 
@@ -316,6 +317,10 @@ def load_model(
     A bitsandbytes NF4 folder (config.json with a 4-bit `quantization_config`) loads
     into NF4Linear layers without `quantize`; its files fix blocksize and double_quant,
     and its bnb_4bit_compute_dtype is the default compute dtype.
+    sharded=True (under torchrun): a 16/32-bit model is sharded with FSDP2 while still on
+    the meta device (minilora.train.sharding) and each process keeps only its rows of
+    every tensor it reads, so no process ever holds the whole model. An NF4 base is
+    quantized whole, layer by layer, and sharded by train() afterwards.
     Returns the model in eval() mode; `model.newly_initialized_keys` lists what the
     checkpoint did not provide.
     """
@@ -362,7 +367,13 @@ def load_model(
                    blocksize=blocksize, double_quant=double_quant)
         target_dtype = compute or target_dtype  # what stays in 16/32 bits is in the compute dtype
 
-    filled, unexpected, dropped, loaded_dtype = _fill(model, shards, expected, tied, target_dtype, device, nf4)
+    put = _put
+    sharded = sharded and nf4 is None  # NF4 weights are quantized whole: sharded after loading instead
+    if sharded:
+        from ..train import sharding
+
+        put = sharding.shard_on_meta(model, tied, target_dtype, device)
+    filled, unexpected, dropped, loaded_dtype = _fill(model, shards, expected, tied, target_dtype, device, nf4, put)
     if dropped:
         logger.info("ignored %d checkpoint tensors this model does not use: %s", len(dropped), _short(dropped))
 
@@ -388,8 +399,8 @@ def load_model(
     std = getattr(config, "initializer_range", 0.02)
     new_dtype = target_dtype or loaded_dtype or torch.float32
     for name in missing:
-        _init_new(model, name, expected[name].shape, new_dtype, device, std)
-    for dst, src in tied.items():
+        _init_new(model, name, expected[name].shape, new_dtype, device, std, put)
+    for dst, src in tied.items() if not sharded else ():  # sharding tied them on meta
         module, attr = _owner(model, dst)
         module._parameters[attr] = model.get_parameter(src)
     if hasattr(model, "init_non_persistent_buffers"):

@@ -51,8 +51,13 @@ def load_dtype(cfg: Config) -> str | torch.dtype:
     return precision.choose(cfg.train.precision, resolve_device(cfg.train.device)).dtype
 
 
-def _load(cfg: Config, num_labels: int | None):
+def _load(cfg: Config, num_labels: int | None, training: bool = False):
     kwargs = {}
+    if training and cfg.train.distributed == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .loop import _dist
+
+        _dist()  # the process group first: each process reads only its shards (sharding.py)
+        kwargs["sharded"] = True
     dtype = load_dtype(cfg)
     if cfg.quant.method == "nf4":
         compute = cfg.quant.compute_dtype if cfg.quant.compute_dtype != "auto" else dtype
@@ -68,7 +73,7 @@ def _load(cfg: Config, num_labels: int | None):
     return model
 
 
-def prepare(cfg: Config, log=print):
+def prepare(cfg: Config, log=print, training: bool = False):
     """Tokenizer, datasets and the (not yet adapted) model for a config."""
     cfg.validate_paths()
     tokenizer = load_tokenizer(cfg.model.path)
@@ -77,7 +82,7 @@ def prepare(cfg: Config, log=print):
         log(f"note: {note}")
     num_labels = cfg.model.num_labels or (len(data.label_names) if data.label_names else None)
     torch.manual_seed(cfg.train.seed)  # a new classification head is initialised while loading
-    model = _load(cfg, num_labels)
+    model = _load(cfg, num_labels, training)
     _check_positions(cfg, model, data)
     return tokenizer, data, model, num_labels
 
@@ -151,7 +156,7 @@ def _run_training(cfg: Config, progress: bool, log, writes: bool = True) -> dict
     if writes:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.toml", cfg.to_toml())
-    tokenizer, data, model, num_labels = prepare(cfg, log)
+    tokenizer, data, model, num_labels = prepare(cfg, log, training=True)
     torch.manual_seed(cfg.train.seed)  # the adapter's initial A (or the prompt) depends on it
     prompt = cfg.model.method == "prompt_tuning"
     if prompt:

@@ -28,6 +28,8 @@ whose results are dropped (`collectives_per_rank`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -72,9 +74,12 @@ def _expose_nf4(layer: NF4Linear) -> None:
 
 
 def shard_model(model: nn.Module) -> None:
-    """Shard the frozen base of `model` across the process group, layer by layer, in place."""
-    from torch.distributed.fsdp import fully_shard
+    """Shard the frozen base of `model` across the process group, layer by layer, in place.
+    A model that load_model(sharded=True) built is sharded already: nothing to do."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
+    if isinstance(model, FSDPModule):
+        return
     for module in list(model.modules()):
         if isinstance(module, NF4Linear):
             _expose_nf4(module)
@@ -105,3 +110,40 @@ def collectives_per_rank(n_local: int, world: int) -> int:
     t = torch.tensor([n_local])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t)
+
+
+def shard_on_meta(model: nn.Module, tied: dict[str, str], dtype: torch.dtype | None, device) -> Callable:
+    """Shard a model that is still on the meta device (load_model(sharded=True)), allocate
+    this process's shards, and return the loader's `put`: it copies this process's rows of
+    each full tensor it is given into the shard, and lets the tensor go.
+
+    The tensors FSDP shards are split along their first dimension as torch.chunk splits
+    it, one piece per process in rank order (the last pieces may be shorter, or empty)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for dst, src in tied.items():  # shared before sharding, so FSDP shards the matrix once
+        owner, _, attr = dst.rpartition(".")
+        model.get_submodule(owner)._parameters[attr] = model.get_parameter(src)
+    if dtype is not None:
+        model.to(dtype)
+    for block in transformer_blocks(model):
+        fully_shard(block)
+    fully_shard(model)
+    model.to_empty(device=device)
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    @torch.no_grad()
+    def put(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        current = module._parameters.get(attr, module._buffers.get(attr))
+        if not hasattr(current, "to_local"):  # not sharded (a buffer): the whole tensor
+            from ..io.loading import _put
+
+            return _put(model, name, tensor)
+        pieces = torch.chunk(tensor, world, dim=0)
+        local = current.to_local()
+        if rank < len(pieces) and local.numel():
+            local.copy_(pieces[rank])
+
+    return put
