@@ -130,3 +130,28 @@ def test_killed_rank_leaves_a_checkpoint_that_resumes_with_the_same_losses(folde
     torchrun(2, folder, run, "fsdp", False, False, 1, 4, extra_env={"RESUME": str(checkpoints[-1])})
     assert_same(run, *single(folder, tmp_path, False, False, 1))
 
+
+
+@pytest.mark.slow
+def test_readme_command_trains_smollm2_on_alpaca_and_peft_loads_the_adapter(tmp_path):
+    """The README's FSDP command on examples/alpaca_smollm2.toml (2 steps here)."""
+    import peft
+    import transformers
+
+    from helpers_smollm import smollm2_hf_dir
+
+    folder = smollm2_hf_dir()
+    minilora_bin = Path(sys.executable).parent / "minilora"
+    proc = subprocess.run(
+        [str(TORCHRUN), "--nproc_per_node", "2", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+         str(minilora_bin), "train", str(HERE.parent / "examples" / "alpaca_smollm2.toml"),
+         "--set", 'train.distributed="fsdp"', "--set", f'model.path="{folder}"',
+         "--set", f'output.dir="{tmp_path / "run"}"', "--set", "train.max_steps=2", "--no-progress"],
+        capture_output=True, text=True, env=env(), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 processes (fsdp): global batch 8 = batch_size 4 x 2" in proc.stdout
+    assert proc.stdout.count("done in") == 1  # rank 0 reports, the other process stays quiet
+    base = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    model = peft.PeftModel.from_pretrained(base, tmp_path / "run" / "adapter")
+    b = [v for k, v in model.state_dict().items() if "lora_B" in k]
+    assert len(b) == 30 * 7 and all(float(v.abs().max()) > 0 for v in b)
