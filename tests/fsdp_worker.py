@@ -5,7 +5,8 @@ adapter and the per-step losses.
     fsdp_worker.py FOLDER OUT MODE NF4 CHECKPOINTING GRAD_ACCUM BATCH_SIZE
 
 Environment: SAVE_EVERY (checkpoints), RESUME (a checkpoint to resume from), KILL_RANK
-and KILL_AT_STEP (that rank exits at once when that step starts, as a crashed process would).
+and KILL_AT_STEP (that rank exits during that step, as a crashed process would), DORA=1,
+SAVE_MODULES (modules_to_save, comma-separated), PRECISION (train.precision, default fp32).
 """
 
 import os
@@ -39,9 +40,11 @@ def run(folder, out, mode="ddp", nf4=False, checkpointing=False, grad_accum=1, b
         torch.distributed.init_process_group("gloo")
     # Under FSDP each process reads only its shards (an NF4 base: quantized whole, then sharded).
     model = minilora.load_model(folder, task="causal-lm", dtype=torch.float32, quantize="nf4" if nf4 else None,
-                                sharded=mode == "fsdp")
+                                sharded=mode == "fsdp" and not (os.environ.get("DORA") or os.environ.get("SAVE_MODULES")))
     torch.manual_seed(int(os.environ.get("INIT_SEED", "2")))
-    inject(model, LoraConfig(r=4, alpha=8.0, dropout=0.0,
+    inject(model, LoraConfig(r=4, alpha=8.0, dropout=0.0, use_dora=os.environ.get("DORA") == "1",
+                             modules_to_save=os.environ["SAVE_MODULES"].split(",") if os.environ.get("SAVE_MODULES")
+                             else None,
                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     with torch.no_grad():  # a non-zero B, so the first step already moves everything
         for n, p in model.named_parameters():
@@ -64,7 +67,8 @@ def run(folder, out, mode="ddp", nf4=False, checkpointing=False, grad_accum=1, b
     result = train(model, examples(), examples(12, seed=3),
                    args(batch_size=batch_size, grad_accum=grad_accum, max_steps=5, lr=2e-3, schedule="linear",
                         warmup_steps=1, max_grad_norm=1.0, distributed=mode, eval_every=5,
-                        save_every=int(save_every) if save_every else None, resume_from=resume),
+                        save_every=int(save_every) if save_every else None, resume_from=resume,
+                        precision=os.environ.get("PRECISION", "fp32")),
                    task="causal-lm", out_dir=out, progress=False, pad_token_id=0)
     adapter = {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     losses = torch.tensor([h["loss"] for h in result["history"]])

@@ -155,3 +155,36 @@ def test_readme_command_trains_smollm2_on_alpaca_and_peft_loads_the_adapter(tmp_
     model = peft.PeftModel.from_pretrained(base, tmp_path / "run" / "adapter")
     b = [v for k, v in model.state_dict().items() if "lora_B" in k]
     assert len(b) == 30 * 7 and all(float(v.abs().max()) > 0 for v in b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", ["DORA=1", "SAVE_MODULES=lm_head"])
+def test_dora_and_modules_to_save_give_ddps_adapter(folder, tmp_path, setting):
+    """A DoRA adapter and a trained copy of lm_head: FSDP gives DDP's adapter to 1e-6, and
+    the single process's losses."""
+    key, _, value = setting.partition("=")
+    for mode in ("ddp", "fsdp"):
+        torchrun(2, folder, tmp_path / mode, mode, False, False, 1, 4, extra_env={key: value})
+    ddp = load_file(str(tmp_path / "ddp" / "final.safetensors"))
+    assert_same(tmp_path / "fsdp", ddp, load_file(str(tmp_path / "ddp" / "losses.safetensors"))["losses"], bound=1e-6)
+    os.environ[key] = value
+    try:
+        _, losses = single(folder, tmp_path, False, False, 1)
+    finally:
+        del os.environ[key]
+    torch.testing.assert_close(load_file(str(tmp_path / "fsdp" / "losses.safetensors"))["losses"], losses,
+                               rtol=1e-5, atol=0)
+
+
+@pytest.mark.slow
+def test_bf16_trains_with_the_single_process_losses_to_bf16_precision(folder, tmp_path):
+    """train.precision = "bf16" (autocast over the sharded base): the losses follow one
+    process's to 2e-3; bf16 rounds differently when the graph's order of work differs, so
+    the adapters are not compared bit for bit."""
+    torchrun(2, folder, tmp_path, "fsdp", False, False, 1, 4, extra_env={"PRECISION": "bf16"})
+    os.environ["PRECISION"] = "bf16"
+    try:
+        _, losses = single(folder, tmp_path, False, False, 1)
+    finally:
+        del os.environ["PRECISION"]
+    torch.testing.assert_close(load_file(str(tmp_path / "losses.safetensors"))["losses"], losses, rtol=2e-3, atol=0)

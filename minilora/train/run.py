@@ -57,7 +57,11 @@ def _load(cfg: Config, num_labels: int | None, training: bool = False):
         from .loop import _dist
 
         _dist()  # the process group first: each process reads only its shards (sharding.py)
-        kwargs["sharded"] = True
+        # Whole modules that train (modules_to_save, a new head, a soft prompt's embedding)
+        # are copied from the base when the adapter is added, so those bases load whole
+        # and train() shards them after.
+        kwargs["sharded"] = (cfg.model.method == "lora" and cfg.model.task == "causal-lm"
+                             and not cfg.lora.modules_to_save)
     dtype = load_dtype(cfg)
     if cfg.quant.method == "nf4":
         compute = cfg.quant.compute_dtype if cfg.quant.compute_dtype != "auto" else dtype
