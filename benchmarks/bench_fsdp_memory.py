@@ -63,7 +63,7 @@ def worker(folder: str, nf4: bool) -> None:
     # As `minilora train` loads under FSDP: a 16/32-bit base read shard by shard, an NF4 one
     # quantized whole and sharded after.
     model = minilora.load_model(folder, task="causal-lm", dtype=torch.float32, quantize="nf4" if nf4 else None,
-                                sharded=world > 1)
+                                sharded_by=sharding.shard_on_meta if world > 1 else None)
     minilora.inject(model, minilora.LoraConfig(r=8, alpha=16, target_modules=TARGETS))
     if world > 1:
         sharding.shard_model(model)
@@ -83,6 +83,7 @@ def worker(folder: str, nf4: bool) -> None:
     if world > 1:
         rows = [None] * world
         dist.all_gather_object(rows, row)
+        dist.barrier()
         dist.destroy_process_group()
     if row["rank"] == 0:
         print("ROWS " + json.dumps(rows), flush=True)
@@ -129,6 +130,7 @@ def placement_worker(folder: str, steps: int = 6) -> None:
             times[placement].append(time.perf_counter() - t)
     if dist.get_rank() == 0:
         print("ROWS " + json.dumps({k: statistics.median(v[1:]) for k, v in times.items()}), flush=True)
+    dist.barrier()
     dist.destroy_process_group()
 
 

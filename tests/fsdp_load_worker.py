@@ -1,6 +1,6 @@
-"""Run by torchrun from test_train_fsdp.py: load_model(sharded=True) keeps this process's
-rows of every tensor, and gathered back they are the plain load's tensors, bit for bit
-(tied embedding and head included, in the dtype asked for).
+"""Run by torchrun from test_train_fsdp.py: load_model(sharded_by=shard_on_meta) keeps this
+process's rows of every tensor, and gathered back they are the plain load's tensors, bit
+for bit (tied embedding and head included, in the dtype asked for).
 
     fsdp_load_worker.py FOLDER DTYPE OUT
 """
@@ -12,11 +12,12 @@ import torch
 import torch.distributed as dist
 
 import minilora
+from minilora.train.sharding import shard_on_meta
 
 if __name__ == "__main__":
     folder, dtype, out = sys.argv[1], getattr(torch, sys.argv[2]), Path(sys.argv[3])
     dist.init_process_group("gloo")
-    sharded = minilora.load_model(folder, task="causal-lm", dtype=dtype, sharded=True)
+    sharded = minilora.load_model(folder, task="causal-lm", dtype=dtype, sharded_by=shard_on_meta)
     plain = minilora.load_model(folder, task="causal-lm", dtype=dtype)
     names = [n for n, _ in sharded.named_parameters()]
     assert names == [n for n, _ in plain.named_parameters()], "parameter names differ"
@@ -31,4 +32,5 @@ if __name__ == "__main__":
     total = sum(q.shape[0] for _, q in plain.named_parameters())
     if dist.get_rank() == 0:
         (out / "ok").write_text(f"{rows} of {total} rows")
+    dist.barrier()  # every collective done on every rank before gloo is torn down
     dist.destroy_process_group()

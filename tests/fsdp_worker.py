@@ -19,6 +19,7 @@ import minilora
 from minilora import LoraConfig, inject
 from minilora.models import grad_checkpoint
 from minilora.train.loop import train
+from minilora.train.sharding import shard_on_meta
 from toy_lm import args
 
 VOCAB = 96
@@ -39,8 +40,9 @@ def run(folder, out, mode="ddp", nf4=False, checkpointing=False, grad_accum=1, b
     if mode == "fsdp" and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo")
     # Under FSDP each process reads only its shards (an NF4 base: quantized whole, then sharded).
+    whole = os.environ.get("DORA") or os.environ.get("SAVE_MODULES")  # copied from the base: load whole
     model = minilora.load_model(folder, task="causal-lm", dtype=torch.float32, quantize="nf4" if nf4 else None,
-                                sharded=mode == "fsdp" and not (os.environ.get("DORA") or os.environ.get("SAVE_MODULES")))
+                                sharded_by=shard_on_meta if mode == "fsdp" and not whole else None)
     torch.manual_seed(int(os.environ.get("INIT_SEED", "2")))
     inject(model, LoraConfig(r=4, alpha=8.0, dropout=0.0, use_dora=os.environ.get("DORA") == "1",
                              modules_to_save=os.environ["SAVE_MODULES"].split(",") if os.environ.get("SAVE_MODULES")
@@ -82,4 +84,5 @@ if __name__ == "__main__":
         save_file(adapter, f"{out}/final.safetensors")
         save_file({"losses": losses, "eval_loss": torch.tensor([result["eval"]["loss"]])},
                   f"{out}/losses.safetensors")
+    torch.distributed.barrier()  # every collective done on every rank before gloo is torn down
     torch.distributed.destroy_process_group()

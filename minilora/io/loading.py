@@ -301,7 +301,7 @@ def load_model(
     double_quant: bool = True,
     blocksize: int = 64,
     compute_dtype=None,
-    sharded: bool = False,
+    sharded_by=None,
 ) -> nn.Module:
     """Build our model for `task` from a Hugging Face folder and fill it from safetensors.
 
@@ -317,10 +317,10 @@ def load_model(
     A bitsandbytes NF4 folder (config.json with a 4-bit `quantization_config`) loads
     into NF4Linear layers without `quantize`; its files fix blocksize and double_quant,
     and its bnb_4bit_compute_dtype is the default compute dtype.
-    sharded=True (under torchrun): a 16/32-bit model is sharded with FSDP2 while still on
-    the meta device (minilora.train.sharding) and each process keeps only its rows of
-    every tensor it reads, so no process ever holds the whole model. An NF4 base is
-    quantized whole, layer by layer, and sharded by train() afterwards.
+    sharded_by (minilora.train.sharding.shard_on_meta under torchrun): called with the
+    model while it is still on the meta device, it shards it and returns how to store
+    each tensor read (only this process's rows), so no process ever holds the whole
+    model. An NF4 base is quantized whole instead, layer by layer (train() shards it).
     Returns the model in eval() mode; `model.newly_initialized_keys` lists what the
     checkpoint did not provide.
     """
@@ -368,11 +368,9 @@ def load_model(
         target_dtype = compute or target_dtype  # what stays in 16/32 bits is in the compute dtype
 
     put = _put
-    sharded = sharded and nf4 is None  # NF4 weights are quantized whole: sharded after loading instead
+    sharded = sharded_by is not None and nf4 is None  # NF4 weights are quantized whole: sharded after loading
     if sharded:
-        from ..train import sharding
-
-        put = sharding.shard_on_meta(model, tied, target_dtype, device)
+        put = sharded_by(model, tied, target_dtype, device)
     filled, unexpected, dropped, loaded_dtype = _fill(model, shards, expected, tied, target_dtype, device, nf4, put)
     if dropped:
         logger.info("ignored %d checkpoint tensors this model does not use: %s", len(dropped), _short(dropped))

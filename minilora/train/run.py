@@ -60,8 +60,10 @@ def _load(cfg: Config, num_labels: int | None, training: bool = False):
         # Whole modules that train (modules_to_save, a new head, a soft prompt's embedding)
         # are copied from the base when the adapter is added, so those bases load whole
         # and train() shards them after.
-        kwargs["sharded"] = (cfg.model.method == "lora" and cfg.model.task == "causal-lm"
-                             and not cfg.lora.modules_to_save)
+        if cfg.model.method == "lora" and cfg.model.task == "causal-lm" and not cfg.lora.modules_to_save:
+            from .sharding import shard_on_meta
+
+            kwargs["sharded_by"] = shard_on_meta
     dtype = load_dtype(cfg)
     if cfg.quant.method == "nf4":
         compute = cfg.quant.compute_dtype if cfg.quant.compute_dtype != "auto" else dtype

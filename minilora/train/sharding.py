@@ -75,7 +75,7 @@ def _expose_nf4(layer: NF4Linear) -> None:
 
 def shard_model(model: nn.Module) -> None:
     """Shard the frozen base of `model` across the process group, layer by layer, in place.
-    A model that load_model(sharded=True) built is sharded already: nothing to do."""
+    A model that load_model(sharded_by=shard_on_meta) built is sharded already: nothing to do."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     if isinstance(model, FSDPModule):
@@ -113,7 +113,7 @@ def collectives_per_rank(n_local: int, world: int) -> int:
 
 
 def shard_on_meta(model: nn.Module, tied: dict[str, str], dtype: torch.dtype | None, device) -> Callable:
-    """Shard a model that is still on the meta device (load_model(sharded=True)), allocate
+    """Shard a model that is still on the meta device (load_model(sharded_by=this)), allocate
     this process's shards, and return the loader's `put`: it copies this process's rows of
     each full tensor it is given into the shard, and lets the tensor go.
 
@@ -137,10 +137,9 @@ def shard_on_meta(model: nn.Module, tied: dict[str, str], dtype: torch.dtype | N
         owner, _, attr = name.rpartition(".")
         module = model.get_submodule(owner)
         current = module._parameters.get(attr, module._buffers.get(attr))
-        if not hasattr(current, "to_local"):  # not sharded (a buffer): the whole tensor
-            from ..io.loading import _put
-
-            return _put(model, name, tensor)
+        if not hasattr(current, "to_local"):  # a buffer: kept whole
+            module._buffers[attr] = tensor
+            return
         pieces = torch.chunk(tensor, world, dim=0)
         local = current.to_local()
         if rank < len(pieces) and local.numel():
