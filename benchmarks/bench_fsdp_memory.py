@@ -6,8 +6,8 @@ CPU processes (gloo), on SmolLM2-135M-Instruct.
     .venv/bin/python benchmarks/bench_fsdp_memory.py --model DIR     # another HF folder
 
 Each process loads the model (for N > 1 as `minilora train` does under FSDP: a 16/32-bit
-base sharded on the meta device and read shard by shard, an NF4 base quantized whole and
-sharded after), injects LoRA on every projection, frees what it can (gc, malloc_trim)
+base sharded on the meta device and read shard by shard, an NF4 one quantized a weight at
+a time with each process keeping its part), injects LoRA on every projection, frees what it can (gc, malloc_trim)
 and reports:
 
 - base_mb: bytes of the base tensors this process holds (its shards), counted;
@@ -60,8 +60,7 @@ def worker(folder: str, nf4: bool) -> None:
         dist.init_process_group("gloo")
     gc.collect()
     before = rss_mb()
-    # As `minilora train` loads under FSDP: a 16/32-bit base read shard by shard, an NF4 one
-    # quantized whole and sharded after.
+    # As `minilora train` loads under FSDP: each process keeps only its shards.
     model = minilora.load_model(folder, task="causal-lm", dtype=torch.float32, quantize="nf4" if nf4 else None,
                                 sharded_by=sharding.shard_on_meta if world > 1 else None)
     minilora.inject(model, minilora.LoraConfig(r=8, alpha=16, target_modules=TARGETS))

@@ -39,7 +39,7 @@ def examples(n=40, seed=0):
 def run(folder, out, mode="ddp", nf4=False, checkpointing=False, grad_accum=1, batch_size=8):
     if mode == "fsdp" and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo")
-    # Under FSDP each process reads only its shards (an NF4 base: quantized whole, then sharded).
+    # Under FSDP each process keeps only its shards as it reads (an NF4 base: its part of the codes).
     whole = os.environ.get("DORA") or os.environ.get("SAVE_MODULES")  # copied from the base: load whole
     model = minilora.load_model(folder, task="causal-lm", dtype=torch.float32, quantize="nf4" if nf4 else None,
                                 sharded_by=shard_on_meta if mode == "fsdp" and not whole else None)

@@ -78,12 +78,14 @@ def assert_same(out: Path, adapter: dict, losses: torch.Tensor, bound=BOUND):
     torch.testing.assert_close(load_file(str(out / "losses.safetensors"))["losses"], losses, rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("tied,dtype", [(False, "float32"), (True, "bfloat16")])
-def test_each_process_reads_only_its_shards(tmp_path, tied, dtype):
+@pytest.mark.parametrize("tied,dtype,quantize", [(False, "float32", ""), (True, "bfloat16", ""),
+                                                  (True, "float32", "nf4")])
+def test_each_process_reads_only_its_shards(tmp_path, tied, dtype, quantize):
     folder = tiny_folder(tmp_path / "m", "llama", "gpt-2", tie_word_embeddings=tied)
     proc = subprocess.run([str(TORCHRUN), "--nproc_per_node=2", "--master_addr=127.0.0.1",
                            f"--master_port={free_port()}", str(HERE / "fsdp_load_worker.py"), str(folder), dtype,
-                           str(tmp_path)], capture_output=True, text=True, env=env(), timeout=300)
+                           str(tmp_path), *([quantize] if quantize else [])],
+                          capture_output=True, text=True, env=env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     held, _, total = (tmp_path / "ok").read_text().partition(" of ")
     assert int(held) * 2 <= int(total.split()[0]) + 2 * 32  # about half the rows (odd ones round up)

@@ -194,7 +194,8 @@ def _read_in_chunks(file: Path, key: str, shape, dtype, device) -> torch.Tensor:
     return out
 
 
-def _fill(model, shards, expected, tied, target_dtype, device, nf4: dict | None = None, put=_put):
+def _fill(model, shards, expected, tied, target_dtype, device, nf4: dict | None = None, put=_put,
+          put_4bit=None):
     """Stream every checkpoint tensor into `model`, one at a time.
 
     nf4 (quantization): {"quantize": our weight names to quantize, "groups": bitsandbytes
@@ -202,6 +203,7 @@ def _fill(model, shards, expected, tied, target_dtype, device, nf4: dict | None 
     "source_dtype", "blocksize", "double_quant"}.
     Returns (our keys filled, checkpoint keys with no place, checkpoint keys the
     model dropped, the dtype the floating tensors ended up in)."""
+    put_4bit = put_4bit or put_nf4
     filled: set[str] = set()
     filled_by_tie: set[str] = set()
     unexpected, dropped = [], []
@@ -251,7 +253,7 @@ def _fill(model, shards, expected, tied, target_dtype, device, nf4: dict | None 
                 weight = read_bnb_weight(locate, ckpt_key, groups[ckpt_key], device)
                 name = claim(ckpt_key, converted[0], weight.shape)
                 if name is not None:
-                    put_nf4(model, name, weight, nf4["compute_dtype"])
+                    put_4bit(model, name, weight, nf4["compute_dtype"])
                 continue
             deferred = None
             # One short-lived mapping per tensor: closing it drops the file pages just
@@ -268,7 +270,8 @@ def _fill(model, shards, expected, tied, target_dtype, device, nf4: dict | None 
                 tensor = converted[1]
                 if name in nf4["quantize"]:  # quantized as it is read: never whole in 16/32 bits
                     src = tensor.to(device=device, dtype=nf4["source_dtype"] or tensor.dtype)
-                    put_nf4(model, name, quantize_nf4(src, nf4["blocksize"], nf4["double_quant"]), nf4["compute_dtype"])
+                    put_4bit(model, name, quantize_nf4(src, nf4["blocksize"], nf4["double_quant"]),
+                             nf4["compute_dtype"])
                     continue
                 # Integer tensors (ids, counters) keep their dtype whatever is asked.
                 floating = tensor.is_floating_point()
@@ -319,8 +322,9 @@ def load_model(
     and its bnb_4bit_compute_dtype is the default compute dtype.
     sharded_by (minilora.train.sharding.shard_on_meta under torchrun): called with the
     model while it is still on the meta device, it shards it and returns how to store
-    each tensor read (only this process's rows), so no process ever holds the whole
-    model. An NF4 base is quantized whole instead, layer by layer (train() shards it).
+    each tensor read (only this process's rows; with quantize="nf4", this process's part
+    of each weight's codes and scales, the weight quantized whole one at a time), so no
+    process ever holds the whole model. A bitsandbytes 4-bit folder is read whole.
     Returns the model in eval() mode; `model.newly_initialized_keys` lists what the
     checkpoint did not provide.
     """
@@ -367,11 +371,14 @@ def load_model(
                    blocksize=blocksize, double_quant=double_quant)
         target_dtype = compute or target_dtype  # what stays in 16/32 bits is in the compute dtype
 
-    put = _put
-    sharded = sharded_by is not None and nf4 is None  # NF4 weights are quantized whole: sharded after loading
+    put, put_4bit = _put, put_nf4
+    # A bitsandbytes 4-bit folder is read whole (its layers are known only as they are read).
+    sharded = sharded_by is not None and (nf4 is None or not nf4["groups"])
     if sharded:
-        put = sharded_by(model, tied, target_dtype, device)
-    filled, unexpected, dropped, loaded_dtype = _fill(model, shards, expected, tied, target_dtype, device, nf4, put)
+        put = sharded_by(model, tied, target_dtype, device, nf4)
+        put_4bit = getattr(put, "nf4", put_nf4)
+    filled, unexpected, dropped, loaded_dtype = _fill(model, shards, expected, tied, target_dtype, device, nf4, put,
+                                                      put_4bit)
     if dropped:
         logger.info("ignored %d checkpoint tensors this model does not use: %s", len(dropped), _short(dropped))
 

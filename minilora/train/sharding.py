@@ -21,6 +21,12 @@ An NF4 base is sharded byte for byte: its packed codes and block scales become f
 (uint8 and fp32) parameters of the layer, which FSDP shards like any other, and the
 NF4 weight is rebuilt from them, gathered, each time the layer runs.
 
+Loading (`shard_on_meta`, through load_model's `sharded_by`): the model is sharded while
+still on the meta device, each process allocates only its shards, and each tensor read
+from the checkpoint leaves behind only this process's rows (an NF4 weight: quantized
+whole, then only this process's part of its codes and scales is kept). No process holds
+the whole model at any point.
+
 Every process must run every layer's forward the same number of times, since each one
 gathers across all of them: evaluation pads the shorter shares with repeated batches
 whose results are dropped (`collectives_per_rank`).
@@ -34,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..qlora.nf4 import NF4Weight
+from ..qlora.nf4 import NF4Weight, dynamic_map_signed, nf4_code
 from ..qlora.nf4_linear import NF4Linear
 
 MODES = ("ddp", "fsdp")
@@ -50,10 +56,14 @@ def transformer_blocks(model: nn.Module) -> nn.ModuleList:
     return max(lists, key=len)
 
 
-def _expose_nf4(layer: NF4Linear) -> None:
+def _expose_nf4(layer: NF4Linear, tables_on=None) -> None:
     """Register the NF4 weight's tensors as frozen parameters and rebuild the weight from
-    them before each forward (when FSDP has gathered them)."""
+    them before each forward (when FSDP has gathered them). `tables_on`: where the two
+    small code tables live, for a layer still on the meta device."""
     w = layer.weight
+    if tables_on is not None:
+        w.code = nf4_code(tables_on)
+        w.nested_code = dynamic_map_signed(tables_on) if w.double_quant else None
     for piece in _NF4_PIECES:
         t = getattr(w, piece)
         if t is not None:
@@ -70,7 +80,13 @@ def _expose_nf4(layer: NF4Linear) -> None:
                                 meta["code"], get("nested_absmax"), meta["nested_code"], offset)
 
     layer.register_forward_pre_hook(rebuild)
-    layer._nf4 = None  # the parameters are the weight now; the pre-hook rebuilds it
+    # The parameters are the weight now and the pre-hook rebuilds it; until then the layer
+    # keeps a stand-in with the weight's shape and dtype and no data (moved for free).
+    where = tables_on if tables_on is not None else w.packed.device  # never meta: it must stay movable
+    empty = lambda dtype: torch.empty(0, dtype=dtype, device=where)  # noqa: E731
+    layer._nf4 = NF4Weight(empty(torch.uint8), empty(w.absmax.dtype), w.shape, w.dtype, w.blocksize, w.code,
+                           empty(torch.float32) if w.double_quant else None, w.nested_code,
+                           torch.zeros((), device=where) if w.offset is not None else None)
 
 
 def shard_model(model: nn.Module) -> None:
@@ -112,13 +128,19 @@ def collectives_per_rank(n_local: int, world: int) -> int:
     return int(t)
 
 
-def shard_on_meta(model: nn.Module, tied: dict[str, str], dtype: torch.dtype | None, device) -> Callable:
+def shard_on_meta(model: nn.Module, tied: dict[str, str], dtype: torch.dtype | None, device,
+                  nf4: dict | None = None) -> Callable:
     """Shard a model that is still on the meta device (load_model(sharded_by=this)), allocate
     this process's shards, and return the loader's `put`: it copies this process's rows of
     each full tensor it is given into the shard, and lets the tensor go.
 
     The tensors FSDP shards are split along their first dimension as torch.chunk splits
-    it, one piece per process in rank order (the last pieces may be shorter, or empty)."""
+    it, one piece per process in rank order (the last pieces may be shorter, or empty).
+
+    `nf4` (quantize-on-load: the weight names, blocksize, double_quant, compute_dtype,
+    source_dtype): those layers become NF4Linear layers before sharding, their packed
+    codes and scales exposed as parameters, and `put.nf4(model, name, weight, _)` keeps
+    this process's piece of each tensor of a weight quantized whole, one weight at a time."""
     from torch.distributed.fsdp import fully_shard
 
     for dst, src in tied.items():  # shared before sharding, so FSDP shards the matrix once
@@ -126,6 +148,16 @@ def shard_on_meta(model: nn.Module, tied: dict[str, str], dtype: torch.dtype | N
         model.get_submodule(owner)._parameters[attr] = model.get_parameter(src)
     if dtype is not None:
         model.to(dtype)
+    for name in sorted((nf4 or {}).get("quantize", ())):
+        owner, _, _ = name.rpartition(".")
+        linear = model.get_submodule(owner)
+        layer = NF4Linear(linear.in_features, linear.out_features, linear.bias is not None,
+                          blocksize=nf4["blocksize"], double_quant=nf4["double_quant"],
+                          compute_dtype=nf4["compute_dtype"], device="meta",
+                          dtype=nf4["source_dtype"] or linear.weight.dtype)
+        parent, _, attr = owner.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, layer)
+        _expose_nf4(layer, tables_on=device)
     for block in transformer_blocks(model):
         fully_shard(block)
     fully_shard(model)
@@ -145,4 +177,15 @@ def shard_on_meta(model: nn.Module, tied: dict[str, str], dtype: torch.dtype | N
         if rank < len(pieces) and local.numel():
             local.copy_(pieces[rank])
 
+    def put_nf4(model: nn.Module, name: str, weight: NF4Weight, compute_dtype) -> None:
+        owner = name.removesuffix(".weight")
+        layer = model.get_submodule(owner)
+        if not isinstance(layer, NF4Linear) or tuple(weight.shape) != (layer.out_features, layer.in_features):
+            raise ValueError(f"{name}: a 4-bit weight of shape {list(weight.shape)} has no sharded NF4 layer here")
+        for piece in _NF4_PIECES:
+            t = getattr(weight, piece)
+            if t is not None:
+                put(model, f"{owner}.nf4_{piece}", t.reshape(-1))
+
+    put.nf4 = put_nf4
     return put
