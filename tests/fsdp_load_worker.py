@@ -8,6 +8,7 @@ With nf4 the base is quantized as it is read: each process keeps its part of eve
 layer's packed codes and scales, and gathered back they are the plain NF4 load's bytes.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -46,3 +47,8 @@ if __name__ == "__main__":
         (out / "ok").write_text(f"{rows} of {total} rows")
     dist.barrier()  # every collective done on every rank before gloo is torn down
     dist.destroy_process_group()
+    # After DTensor.full_tensor() torch 2.13 aborts in 1 exit of 7 or so, in C++ teardown with
+    # no Python frame left ("terminate called without an active exception"); the checks are
+    # done and written, so leave without that teardown.
+    sys.stdout.flush()
+    os._exit(0)
