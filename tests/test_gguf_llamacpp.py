@@ -82,10 +82,10 @@ def adapter(smollm, tmp_path_factory):
     rows = json.loads(ALPACA.read_text())[:16]
     tok = minilora.load_tokenizer(smollm)
     model = minilora.load_model(smollm, task="causal-lm", dtype="float32")
+    torch.manual_seed(0)  # A's initial values: the same adapter in every run
     inject(model, LoraConfig(r=8, alpha=16.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                "gate_proj", "up_proj", "down_proj"]))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
-    torch.manual_seed(0)
     for step in range(4):
         for row in rows[4 * step:4 * step + 4]:
             text = tok.apply_chat_template([{"role": "user", "content": row["instruction"] + "\n" + row["input"]},
