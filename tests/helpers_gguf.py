@@ -76,8 +76,10 @@ def train_spm_tokenizer(vocab_size: int = 600) -> Tokenizer:
 
 
 def save_tokenizer(folder: Path, pre: str, add_bos: bool = False) -> None:
-    if pre == "spm":
+    if pre in ("spm", "spm_phi3"):
         tok = train_spm_tokenizer()
+        if pre == "spm_phi3":  # Phi-3's chat tokens after the vocabulary (llama.cpp's phi3 needs <|endoftext|>)
+            tok.add_special_tokens(["<|endoftext|>", "<|end|>", "<|user|>", "<|assistant|>"])
         from tokenizers import processors
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                            special_tokens=[("<s>", 1)])
@@ -100,8 +102,9 @@ def save_tokenizer(folder: Path, pre: str, add_bos: bool = False) -> None:
 
 def tiny_folder(folder: Path, family: str, pre: str, seed: int = 0, add_bos: bool = False, vocab: int = 640,
                 **overrides) -> Path:
-    """A random `family` model (llama, qwen2, qwen3, mistral) saved by transformers, with a `pre` tokenizer
-    (a llama.cpp pre-tokenizer name, or "spm" for a SentencePiece-style one with ids <unk> 0, <s> 1, </s> 2)."""
+    """A random `family` model (llama, qwen2, qwen3, mistral, phi3) saved by transformers, with a `pre` tokenizer
+    (a llama.cpp pre-tokenizer name, or "spm" for a SentencePiece-style one with ids <unk> 0, <s> 1, </s> 2;
+    "spm_phi3" adds Phi-3's <|endoftext|>, <|end|>, <|user|>, <|assistant|> as ids 600-603)."""
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1,
@@ -112,6 +115,7 @@ def tiny_folder(folder: Path, family: str, pre: str, seed: int = 0, add_bos: boo
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
     }[family]
     model = model_class(config_class(**common))
     folder.mkdir(parents=True, exist_ok=True)

@@ -67,7 +67,7 @@ def gguf_py_hyperparameters(path, arch: str, config) -> dict:
     w.add_head_count_kv(config.num_key_value_heads)
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
     w.add_rope_freq_base(config.rope_theta)
-    w.add_rope_dimension_count(config.head_dim)
+    w.add_rope_dimension_count(int(config.head_dim * config.partial_rotary_factor))
     w.add_key_length(config.head_dim)
     w.add_value_length(config.head_dim)
     w.add_vocab_size(config.vocab_size)
@@ -86,7 +86,7 @@ def test_hyperparameter_keys_and_types_are_gguf_pys(family, tmp_path):
     out = export_gguf(folder, tmp_path / "m.gguf", out_type="f32")
     ours = fields(out)
     arch = ours["general.architecture"][1]
-    assert arch == {"mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}.get(name, "llama")
+    assert arch == {"mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}.get(name, "llama")
     config = minilora.load_model(folder, task="causal-lm").config
     ref = gguf_py_hyperparameters(tmp_path / "ref.gguf", arch, config)
     mine = {k: v for k, v in ours.items() if k.startswith(arch + ".")}
@@ -299,7 +299,7 @@ def test_unknown_architecture_names_the_exportable_ones(tmp_path):
 
     folder = tmp_path / "gpt2"
     transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2)).save_pretrained(folder)
-    with pytest.raises(ExportError, match=r"model_type 'gpt2'.*exportable: llama, mistral, qwen2, qwen3"):
+    with pytest.raises(ExportError, match=r"model_type 'gpt2'.*exportable: llama, mistral, phi3, qwen2, qwen3"):
         export_gguf(folder, tmp_path / "m.gguf")
 
 
@@ -317,6 +317,45 @@ def test_unknown_pre_tokenizer_says_what_was_found_and_to_pass_pre(tmp_path):
     assert fields(out)["tokenizer.ggml.pre"][1] == "gpt-2"
     r = run_cli(folder, tmp_path / "n.gguf")
     assert r.returncode == 2 and "--pre NAME" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+PHI3 = dict(bos_token_id=1, eos_token_id=2, pad_token_id=None, partial_rotary_factor=0.75, tie_word_embeddings=True,
+            original_max_position_embeddings=16, rope_parameters={
+                "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                "short_factor": [1.0 + 0.1 * i for i in range(6)], "long_factor": [2.0 + 0.5 * i for i in range(6)],
+                "original_max_position_embeddings": 16})
+
+
+def test_phi3_keys_and_tensors(tmp_path):
+    """Fused qkv and gate_up kept fused, partial rotary in rope.dimension_count, LongRoPE's
+    factors as rope_factors_long/short and its attention factor; names from gguf-py's phi3 list."""
+    folder = tiny_folder(tmp_path / "p", "phi3", "spm_phi3", **PHI3)
+    said = []
+    out = export_gguf(folder, tmp_path / "m.gguf", out_type="f32", log=said.append)
+    f = {k: v[1] for k, v in fields(out).items()}
+    assert f["general.architecture"] == "phi3" and f["phi3.rope.dimension_count"] == 12
+    assert f["phi3.rope.scaling.original_context_length"] == 16
+    config = minilora.load_model(folder, task="causal-lm").config
+    assert f["phi3.rope.scaling.attn_factor"] == pytest.approx(config.rope_scaling["attention_factor"])
+    t = tensors(out)
+    allowed = {gguf.TENSOR_NAMES[k].format(bid=b) + ".weight" for k in gguf.MODEL_TENSORS[gguf.MODEL_ARCH.PHI3]
+               for b in range(2)}
+    assert set(t) <= allowed and {"blk.0.attn_qkv.weight", "blk.1.ffn_up.weight"} <= set(t)
+    weights = load_file(folder / "model.safetensors")
+    assert np.array_equal(np.asarray(t["blk.1.ffn_up.weight"].data),
+                          weights["model.layers.1.mlp.gate_up_proj.weight"].numpy())
+    assert np.allclose(t["rope_factors_long.weight"].data, [2.0 + 0.5 * i for i in range(6)])
+    assert np.allclose(t["rope_factors_short.weight"].data, [1.0 + 0.1 * i for i in range(6)])
+    assert any("long factors at every position" in line for line in said)
+
+
+def test_phi3_needs_its_endoftext_and_a_sentencepiece_tokenizer(tmp_path):
+    folder = tiny_folder(tmp_path / "p", "phi3", "spm", bos_token_id=1, eos_token_id=2, pad_token_id=None)
+    with pytest.raises(ExportError, match="phi3 graph looks up the token <\\|endoftext\\|>"):
+        export_gguf(folder, tmp_path / "m.gguf")
+    folder = tiny_folder(tmp_path / "b", "phi3", "gpt-2")
+    with pytest.raises(ExportError, match="byte-level BPE tokenizer \\(Phi-4-mini's kind\\)"):
+        export_gguf(folder, tmp_path / "m.gguf")
 
 
 def test_qwen3_with_biases_is_refused(tmp_path):

@@ -193,6 +193,17 @@ TINY = {
     "mistral": ("mistral", "smollm", dict(sliding_window=4096, attention_bias=True), False),  # a key Mistral ignores
     "qwen2": ("qwen2", "qwen2", dict(tie_word_embeddings=True), False),
     "qwen3": ("qwen3", "qwen2", dict(head_dim=24, num_hidden_layers=3, rope_theta=1e6), False),
+    # Phi-4-mini's partial rotary, fused qkv and gate_up, tied head
+    "phi3_partial_tied": ("phi3", "spm_phi3", dict(bos_token_id=1, eos_token_id=2, pad_token_id=None,
+                                                   partial_rotary_factor=0.75, tie_word_embeddings=True), False),
+    # LongRoPE with a pre-training length of 16: the mixed text is longer, so both sides use
+    # the long factors (llama.cpp picks them by its context size, transformers by the length)
+    "phi3_longrope": ("phi3", "spm_phi3", dict(
+        bos_token_id=1, eos_token_id=2, pad_token_id=None, original_max_position_embeddings=16,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                         "short_factor": [1.0 + 0.1 * i for i in range(6)],
+                         "long_factor": [2.0 + 0.5 * i for i in range(6)], "original_max_position_embeddings": 16}),
+        True),
 }
 
 

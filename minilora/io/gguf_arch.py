@@ -9,6 +9,7 @@ the model from keys under that name (`llama.block_count`, `qwen3.attention.head_
     llama, mistral             llama               adjacent pairs: Q/K rows permuted
     qwen2                      qwen2               halves (NEOX): as HF stores them
     qwen3                      qwen3               halves (NEOX): as HF stores them
+    phi3                       phi3                halves (NEOX); fused qkv and gate_up kept fused
 
 Rotary embeddings rotate pairs of channels in each head. HF's Llama code pairs channel
 i with i + d/2 (the two halves of a head); llama.cpp's "llama" graph pairs 2i with
@@ -37,13 +38,14 @@ import torch
 from ..models.llama import LlamaConfig, rope_inv_freq, rotary_dim
 
 # HF model_type -> llama.cpp architecture name.
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
 
 _LAYER = {
     "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
     "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up",  # Phi-3's fused layers
 }
 _TOP = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
@@ -113,6 +115,10 @@ class GGUFArch:
         ]
         scaling = c.rope_scaling or {}
         kind = scaling.get("rope_type", scaling.get("type"))
+        if kind == "longrope":  # the factors themselves are tensors (extra_tensors)
+            keys += [(f"{a}.rope.scaling.attn_factor", "float32", float(scaling["attention_factor"])),
+                     (f"{a}.rope.scaling.original_context_length", "uint32",
+                      int(scaling["original_max_position_embeddings"]))]
         if kind == "linear":
             keys += [(f"{a}.rope.scaling.type", "string", "linear"),
                      (f"{a}.rope.scaling.factor", "float32", float(scaling["factor"]))]
@@ -121,6 +127,9 @@ class GGUFArch:
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         """Tensors llama.cpp needs that the checkpoint does not hold (Llama 3.1's RoPE factors)."""
         scaling = self.config.rope_scaling or {}
+        if scaling.get("rope_type") == "longrope":  # Phi-3: each frequency divided by its factor
+            return {"rope_factors_long.weight": torch.tensor(scaling["long_factor"], dtype=torch.float32),
+                    "rope_factors_short.weight": torch.tensor(scaling["short_factor"], dtype=torch.float32)}
         if scaling.get("rope_type", scaling.get("type")) != "llama3":
             return {}
         plain = rope_inv_freq(LlamaConfig(**{**self.config.__dict__, "rope_scaling": None}))
@@ -134,7 +143,7 @@ def gguf_arch(config: LlamaConfig) -> GGUFArch:
         raise ExportError(f"model_type {model_type!r} has no GGUF export in minilora; exportable: "
                           f"{', '.join(sorted(ARCHITECTURES))} (llama.cpp architectures "
                           f"{', '.join(sorted(set(ARCHITECTURES.values())))})")
-    if config.partial_rotary_factor != 1.0:
+    if config.partial_rotary_factor != 1.0 and model_type != "phi3":
         raise ExportError(f"{model_type} with partial_rotary_factor {config.partial_rotary_factor}: llama.cpp's "
                           f"{ARCHITECTURES[model_type]!r} graph rotates whole heads")
     # llama.cpp's llama graph takes a bias on any projection, qwen2's on q/k/v, qwen3's on none.

@@ -123,6 +123,17 @@ def export_gguf(model_dir, out, adapter=None, out_type: str = "f16", pre: str | 
     if window is not None and window < model.config.max_position_embeddings:
         log(f"note: llama.cpp's {arch.name!r} graph has no sliding window; past {window} tokens it attends "
             f"further back than this model was trained to")
+    if arch.name == "phi3" and vocab.model != "llama":
+        raise ExportError(f"{model_dir}: a Phi-3-architecture model with a byte-level BPE tokenizer (Phi-4-mini's "
+                          f"kind), which minilora does not export yet; Phi-3 and Phi-3.5 (SentencePiece) export")
+    if arch.name == "phi3" and "<|endoftext|>" not in vocab.tokens:
+        raise ExportError(f"{model_dir}: llama.cpp's phi3 graph looks up the token <|endoftext|>, which this "
+                          f"tokenizer lacks; Phi-3 tokenizers have it (id 32000)")
+    scaling = model.config.rope_scaling or {}
+    if scaling.get("rope_type") == "longrope":
+        log(f"note: llama.cpp uses LongRoPE's long factors at every position when its context (-c) is over "
+            f"{scaling['original_max_position_embeddings']} tokens, and the short ones otherwise; transformers and "
+            f"minilora switch by the length of the sequence")
     if adapter is not None:
         load_adapter(model, adapter)
         remove_lora(model, merge=True)
