@@ -151,24 +151,18 @@ def test_f16_export_agrees_on_16_tokens(exports, prompts, ours):
         assert llama_greedy(llm, ids, 16)[0] == tokens[:16]
 
 
-def test_q8_0_export_departs_only_at_near_ties(exports, prompts, ours):
+def test_q8_0_export_agrees_on_16_tokens(exports, prompts, ours):
     """Q8_0 moves SmolLM2's logits by ~3% of their largest value (its weights, and llama.cpp's
-    8-bit activations), ~0.5 to 1 logit: a greedy token may flip where the top two are
-    closer than that. Fed minilora's tokens, llama.cpp's Q8_0 logits stay within 5% of
-    the f32 ones, and each prompt's first 16 tokens agree up to a position where
-    minilora's top two logits are closer than Q8_0's own error there."""
+    8-bit activations), ~0.5 to 1 logit: fed minilora's tokens, llama.cpp's Q8_0 logits stay
+    within 5% of the f32 ones, and the first 16 greedy tokens agree on these prompts. (Other
+    prompts can part where the top two logits are closer than that: README.)"""
     llm = Llama(exports["q8_0"], n_ctx=512, logits_all=True, n_threads=2)
     for ids, (tokens, logits) in zip(prompts, ours):
         llm.reset()
         llm.eval(ids + tokens)
         forced = np.array(llm.scores[len(ids) - 1:len(ids) + 31])
         assert rel_err(forced, logits) < 0.05
-        got = llama_greedy(llm, ids, 16)[0]
-        first = next((i for i in range(16) if got[i] != tokens[i]), None)
-        if first is not None:
-            top2 = np.sort(logits[first])[-2:]
-            noise = np.abs(forced[first] - logits[first]).max()
-            assert top2[1] - top2[0] < 2 * noise, (first, top2, noise)
+        assert llama_greedy(llm, ids, 16)[0] == tokens[:16]
 
 
 def test_lora_only_adapter_on_the_base_gives_the_merged_tokens(exports, prompts, ours):
