@@ -40,14 +40,16 @@ from ..models.llama import LlamaConfig, rope_inv_freq, rotary_dim
 # HF model_type -> llama.cpp architecture name.
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
 
-_LAYER = {
+# HF module -> GGUF tensor name. A llama block's (the importer reads these back):
+LLAMA_LAYER = {
     "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+    "self_attn.o_proj": "attn_output",
     "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-    "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up",  # Phi-3's fused layers
 }
-_TOP = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+_LAYER = {**LLAMA_LAYER, "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",  # Qwen3
+          "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}  # Phi-3's fused layers
+TOP = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
 
 class ExportError(ValueError):
@@ -80,9 +82,9 @@ class GGUFArch:
         if m and m.group(2) in _LAYER:
             return f"blk.{m.group(1)}.{_LAYER[m.group(2)]}.{m.group(3)}"
         m = re.fullmatch(r"(.+)\.(weight|bias)", hf_name)
-        if m and m.group(1) in _TOP:
-            return f"{_TOP[m.group(1)]}.{m.group(2)}"
-        known = sorted(_TOP) + [f"model.layers.N.{k}" for k in _LAYER]
+        if m and m.group(1) in TOP:
+            return f"{TOP[m.group(1)]}.{m.group(2)}"
+        known = sorted(TOP) + [f"model.layers.N.{k}" for k in _LAYER]
         raise ExportError(f"tensor {hf_name!r} has no place in a GGUF {self.name!r} model; llama.cpp's graph "
                           f"knows these (each .weight, some .bias): {', '.join(known)}")
 

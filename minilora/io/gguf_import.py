@@ -51,6 +51,7 @@ from tokenizers import (
 
 from .atomic import atomic_write, atomic_write_text
 from .gguf import GGUFError, GGUFReader
+from .gguf_arch import LLAMA_LAYER, TOP
 from .progress import Progress
 
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -70,13 +71,9 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-}
-_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# GGUF tensor name -> HF module: the export's tables, read backwards.
+_LAYER_NAMES = {gguf: hf for hf, gguf in LLAMA_LAYER.items()}
+_TOP_NAMES = {gguf: hf for hf, gguf in TOP.items()}
 _SAFETENSORS_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 

@@ -195,7 +195,7 @@ def _read_in_chunks(file: Path, key: str, shape, dtype, device) -> torch.Tensor:
 
 
 def _fill(model, shards, expected, tied, target_dtype, device, nf4: dict | None = None, put=_put,
-          put_4bit=None):
+          put_4bit=put_nf4):
     """Stream every checkpoint tensor into `model`, one at a time.
 
     nf4 (quantization): {"quantize": our weight names to quantize, "groups": bitsandbytes
@@ -203,7 +203,6 @@ def _fill(model, shards, expected, tied, target_dtype, device, nf4: dict | None 
     "source_dtype", "blocksize", "double_quant"}.
     Returns (our keys filled, checkpoint keys with no place, checkpoint keys the
     model dropped, the dtype the floating tensors ended up in)."""
-    put_4bit = put_4bit or put_nf4
     filled: set[str] = set()
     filled_by_tie: set[str] = set()
     unexpected, dropped = [], []
