@@ -1,4 +1,4 @@
-"""Loss on every assistant turn (minilora.train.data.chat_ids / tokenize_chat).
+"""Loss on every assistant turn (minilora.train.chat_labels).
 
 On a template with {% generation %} blocks the labels are transformers'
 return_assistant_tokens_mask. On templates without them (SmolLM2's own, and the Llama
@@ -10,13 +10,14 @@ turn by turn, exactly the assistant message's text and its end-of-turn token.
 import json
 
 import pytest
-from tokenizers import Tokenizer as Backend
 from transformers import AutoTokenizer
 
 from helpers_smollm import smollm2_hf_dir
+from helpers_templates import tokenizer_folder
 from minilora.io.tokenizer import load_tokenizer
 from minilora.train.batching import chat_examples
-from minilora.train.data import IGNORE_INDEX, read_instructions, tokenize_chat
+from minilora.train.chat_labels import tokenize_chat
+from minilora.train.data import IGNORE_INDEX, read_instructions
 from test_chat_templates import CONVERSATIONS, GEMMA2, LLAMA3, PHI3, QWEN3
 
 END_OF_TURN = {"smollm2": "<|im_end|>", "llama3": "<|eot_id|>", "gemma2": "<end_of_turn>", "phi3": "<|end|>"}
@@ -27,18 +28,7 @@ SIX_TURNS = [{"role": "system", "content": "You count."}] + FOUR_TURNS + [
 
 
 def _folder(tmp_path, template, specials=()):
-    folder = tmp_path / "tok"
-    folder.mkdir(parents=True)
-    src = smollm2_hf_dir()
-    backend = Backend.from_file(str(src / "tokenizer.json"))
-    if specials:
-        backend.add_special_tokens(list(specials))
-    backend.save(str(folder / "tokenizer.json"))
-    cfg = json.loads((src / "tokenizer_config.json").read_text())
-    if template is not None:
-        cfg["chat_template"] = template
-    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
-    return folder
+    return tokenizer_folder(tmp_path / "tok", template, specials)
 
 
 def labelled_runs(tok, ids, labels):
@@ -106,17 +96,33 @@ def test_generation_blocks_give_transformers_assistant_mask(tmp_path, turns):
     assert sum(mask) > 0 and labelled_runs(ours, ids, labels)[-1] == "Three, four.<|im_end|>"
 
 
-def test_a_template_that_rewrites_earlier_turns_is_a_clear_error(tmp_path):
+def test_a_template_that_rewrites_earlier_turns_still_labels_every_answer(tmp_path):
     # Qwen3's way: an assistant turn's reasoning is written only while no user message
     # follows it, so the first answer renders one way alone and another way later on.
+    # No prefix of the conversation is a prefix of its text; the placeholders find the turns.
     template = QWEN3.replace("{%- generation %}", "").replace("{%- endgeneration %}", "")
     tok = load_tokenizer(_folder(tmp_path, template))
     messages = [dict(m, reasoning_content=f"thought {i}") if m["role"] == "assistant" else m
                 for i, m in enumerate(FOUR_TURNS)]
-    with pytest.raises(ValueError, match="assistant turn 1 .* differently.*assistant_turns = 'last'"):
-        tokenize_chat(tok, messages)
-    ids, labels = tokenize_chat(tok, messages, assistant_turns="last")
-    assert labelled_runs(tok, ids, labels) == ["<think>\nthought 3\n</think>\n\nWhy did the\nchicken...<|im_end|>"]
+    ids, labels = tokenize_chat(tok, messages)
+    final = "<think>\nthought 3\n</think>\n\nWhy did the\nchicken...<|im_end|>"
+    assert labelled_runs(tok, ids, labels) == ["Hello! How can I help?<|im_end|>", final]
+    assert tok.apply_chat_template(messages, add_generation_prompt=False).startswith(
+        tok.decode(ids, skip_special_tokens=False))
+    ids_last, labels_last = tokenize_chat(tok, messages, assistant_turns="last")
+    assert labelled_runs(tok, ids_last, labels_last) == [final]  # found prefix by prefix: the same
+    assert ids_last == ids
+
+
+def test_a_template_that_drops_earlier_answers_is_a_clear_error(tmp_path):
+    template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n"
+                "{% if m.role == 'assistant' and not loop.last %}(answered){% else %}{{ m.content }}{% endif %}"
+                "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok = load_tokenizer(_folder(tmp_path, template))
+    with pytest.raises(ValueError, match="does not write every trained assistant answer.*assistant_turns = 'last'"):
+        tokenize_chat(tok, FOUR_TURNS)
+    ids, labels = tokenize_chat(tok, FOUR_TURNS, assistant_turns="last")
+    assert labelled_runs(tok, ids, labels) == ["Why did the\nchicken...<|im_end|>"]
 
 
 def test_truncation_keeps_the_labels_of_a_cut_turn(tmp_path):

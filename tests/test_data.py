@@ -14,7 +14,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from minilora.train import batching
 
-from minilora.train import data
+from minilora.train import chat_labels, data
 from minilora.train.config import config_from_dict
 from minilora.io.tokenizer import Tokenizer, load_tokenizer
 
@@ -187,7 +187,7 @@ def test_alpaca_rows_become_messages():
 
 
 def check_response_only(tok, messages, end_marker="<|im_end|>", assistant_turns="all"):
-    ids, labels = data.tokenize_chat(tok, messages, max_length=4096, assistant_turns=assistant_turns)
+    ids, labels = chat_labels.tokenize_chat(tok, messages, max_length=4096, assistant_turns=assistant_turns)
     assert len(ids) == len(labels)
     first = next(i for i, x in enumerate(labels) if x != -100)
     assert all(x == -100 for x in labels[:first])
@@ -223,7 +223,7 @@ def test_chat_messages_multi_turn_trains_every_answer_or_the_last(bpe, tmp_path)
     assert msgs == conv
     check_response_only(FakeChat(bpe), msgs, assistant_turns="last")
     tok = FakeChat(bpe)
-    ids, labels = data.tokenize_chat(tok, msgs)
+    ids, labels = chat_labels.tokenize_chat(tok, msgs)
     kept = [i for i, x in enumerate(labels) if x != -100]
     assert tok.decode([ids[i] for i in kept]) == "Hello!<|im_end|>Blue.<|im_end|>"
     assert tok.decode(ids) == tok.apply_chat_template(msgs, add_generation_prompt=False).removesuffix("\n")
@@ -246,7 +246,7 @@ def test_boundary_merge_falls_back_to_separate_tokenization(bpe):
 def test_template_without_end_token_gets_eos_appended(bpe):
     tok = FakeChat(bpe, gen_prompt="### Response:\n", end="", chatml=False)
     msgs = [{"role": "user", "content": "Count."}, {"role": "assistant", "content": "one two three"}]
-    ids, labels = data.tokenize_chat(tok, msgs)
+    ids, labels = chat_labels.tokenize_chat(tok, msgs)
     assert ids[-1] == labels[-1] == tok.eos_token_id
     check_response_only(tok, msgs)
 
@@ -256,7 +256,7 @@ def test_chat_truncation_is_counted(bpe):
     long_prompt = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]
     short = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there, friend"}]
     n_prompt = len(tok.encode(tok.apply_chat_template(short[:1]), False))
-    ids, labels = data.tokenize_chat(tok, short, max_length=n_prompt + 2)
+    ids, labels = chat_labels.tokenize_chat(tok, short, max_length=n_prompt + 2)
     assert len(ids) == len(labels) == n_prompt + 2 and labels[-3:] == [-100] + ids[-2:]
     ex = batching.chat_examples(tok, [short, long_prompt, short], max_length=n_prompt + 2)
     assert ex.stats == {"truncated": 3, "no_target": 1} and len(ex) == 2

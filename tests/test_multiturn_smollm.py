@@ -18,7 +18,8 @@ from helpers_smollm import smollm2_hf_dir
 from minilora import LoraConfig, inject
 from minilora.io.tokenizer import load_tokenizer
 from minilora.train.batching import collate
-from minilora.train.data import IGNORE_INDEX, tokenize_chat
+from minilora.train.chat_labels import tokenize_chat
+from minilora.train.data import IGNORE_INDEX
 from minilora.train.loop import make_optimizer
 
 WORDS = ("apple river stone cloud tiger lemon piano garden rocket winter candle silver forest dragon pencil "

@@ -35,11 +35,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .chat_labels import chat_ids
 from .data import (
     IGNORE_INDEX,
     ClassificationData,
     _encode_many,
-    chat_ids,
     pack_text,
     read_classification,
     read_instructions,

@@ -11,7 +11,8 @@ on the *response only*: prompt tokens get label -100, so the loss ignores them. 
 the prompt is given at inference time, never generated, so fitting it spends capacity
 on predicting the user's words (and the chat template's boilerplate, which repeats in
 every example and would dominate the loss of short answers). The end-of-turn token
-after the response *is* trained: it is how the model learns to stop.
+after the response *is* trained: it is how the model learns to stop. Which tokens of a
+rendered conversation are the assistant's is `minilora.train.chat_labels`' job.
 
 Raw text (continued pre-training). Every token is a target. Documents are tokenized,
 joined with eos between them, and cut into fixed blocks of `block_size` ("packing"):
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -313,142 +313,6 @@ def read_instructions(path, format: str = "auto") -> list[list[dict]]:
     if not out:
         raise ValueError(f"{path}: no examples")
     return out
-
-
-def _encode(tokenizer, text: str) -> list[int]:
-    # Rendered chat text already holds every special token the template wants (bos
-    # included, if any), so the tokenizer must not add its own: as transformers'
-    # apply_chat_template(tokenize=True) does.
-    return list(tokenizer.encode(text, add_special_tokens=False))
-
-
-ASSISTANT_TURNS = ("all", "last")
-
-
-def _special_ids(tokenizer) -> set[int]:
-    """Ids of the tokenizer's special added tokens (<|im_end|>, <|eot_id|>, <end_of_turn>, ...)."""
-    backend = getattr(tokenizer, "backend", None)
-    if backend is not None and hasattr(backend, "get_added_tokens_decoder"):
-        return {i for i, token in backend.get_added_tokens_decoder().items() if token.special}
-    eos = getattr(tokenizer, "eos_token_id", None)
-    return set() if eos is None else {eos}
-
-
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
-
-
-def _turn_end(tokenizer, text: str, content: str, special: set[int]) -> tuple[list[int], int | None]:
-    """The ids of one assistant turn's rendered text, and how many of them to train on:
-    through the first special token after the message's content (its end-of-turn token),
-    or None when no special token follows it."""
-    backend = getattr(tokenizer, "backend", None)
-    if backend is None:  # a tokenizer without offsets: search from the turn's start
-        ids = _encode(tokenizer, text)
-        return ids, next((j + 1 for j, t in enumerate(ids) if t in special), None)
-    enc = backend.encode(text, add_special_tokens=False)
-    # Where the content ends in the turn's text: templates may trim it or add to it.
-    body = content.strip()
-    found = text.rfind(body) if body else -1
-    after = found + len(body) if found >= 0 else 0
-    end = next((j + 1 for j, (t, (start, _)) in enumerate(zip(enc.ids, enc.offsets))
-                if t in special and start >= after), None)
-    return list(enc.ids), end
-
-
-def _marked_turns(tokenizer, messages: list[dict], assistant_turns: str) -> tuple[list[int], list[int]] | None:
-    """Labels from the template's own {% generation %} blocks, if it has them: every token
-    that overlaps a block (the last block only for "last"), as transformers'
-    return_assistant_tokens_mask marks them; None for a template without blocks."""
-    if not getattr(tokenizer, "marks_generation", lambda: False)():
-        return None
-    text, spans = tokenizer.apply_chat_template(messages, add_generation_prompt=False, generation_spans=True)
-    if assistant_turns == "last":
-        spans = spans[-1:]
-    enc = tokenizer.backend.encode(text, add_special_tokens=False)
-    labels = [t if any(start < stop_s and end > start_s for start_s, stop_s in spans) else IGNORE_INDEX
-              for t, (start, end) in zip(enc.ids, enc.offsets)]
-    return list(enc.ids), labels
-
-
-def chat_ids(tokenizer, messages: list[dict], assistant_turns: str = "all") -> tuple[list[int], list[int]]:
-    """(input_ids, labels) for one conversation, untruncated; see `tokenize_chat`."""
-    if assistant_turns not in ASSISTANT_TURNS:
-        raise ValueError(f"assistant_turns must be one of {ASSISTANT_TURNS}, got {assistant_turns!r}")
-    if not messages or messages[-1].get("role") != "assistant":
-        raise ValueError("the last message must be the assistant's answer (role 'assistant')")
-    turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
-    if assistant_turns == "last":
-        turns = turns[-1:]
-    marked = _marked_turns(tokenizer, messages, assistant_turns)
-    if marked is not None:
-        return marked
-    full = _render(tokenizer, messages, False)
-    # Each trained turn as a character span of the full text, found prefix by prefix: it
-    # starts where the conversation before it plus the generation prompt ends, and ends
-    # where the conversation that stops after it parts from the full one (a template
-    # may close a conversation differently from a turn: Phi-3 writes eos there).
-    spans = []
-    for i in turns:
-        prompt = _render(tokenizer, messages[:i], True) if i else ""
-        through = full if i == len(messages) - 1 else _render(tokenizer, messages[:i + 1], False)
-        stop = len(os.path.commonprefix([through, full]))
-        body = messages[i]["content"].strip()
-        if not (through.startswith(prompt) and full.startswith(prompt) and body in full[len(prompt):stop]):
-            raise ValueError(
-                f"the chat template renders assistant turn {turns.index(i) + 1} (message {i}) differently once "
-                "its answer or later messages are added (the shorter conversation's text is not a prefix of "
-                "the longer one's), so that turn cannot be located"
-                + ("; set data.assistant_turns = 'last' to train on the final answer only"
-                   if assistant_turns == "all" and len(turns) > 1 else "; format such data yourself as plain text"))
-        spans.append((len(prompt), stop))
-    special = _special_ids(tokenizer)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    ids: list[int] = []
-    labels: list[int] = []
-    at = 0
-    for k, ((start, stop), i) in enumerate(zip(spans, turns)):
-        # Tokenized piece by piece, as at inference, where the model continues from the
-        # prompt's ids exactly: BPE can merge across the prompt/answer boundary ("Assistant: "
-        # + "Hi" is " Hi" in the joined text), so an answer is tokenized alone.
-        head = _encode(tokenizer, full[at:start])
-        ids += head
-        labels += [IGNORE_INDEX] * len(head)
-        answer, end = _turn_end(tokenizer, full[start:stop], messages[i]["content"], special)
-        last = k == len(spans) - 1
-        if end is None:
-            # No end-of-turn token after the answer: the final answer gets eos appended, so
-            # the model still learns where an answer ends; an earlier one is trained as is.
-            tail = answer + ([eos] if last and eos is not None else [])
-            ids += tail
-            labels += tail
-        elif last:
-            # Through the end-of-turn token; what follows it (ChatML's "\n") is dropped:
-            # the model stops at that token and never needs to predict the rest.
-            ids += answer[:end]
-            labels += answer[:end]
-        else:
-            ids += answer
-            labels += answer[:end] + [IGNORE_INDEX] * (len(answer) - end)
-        at = stop
-    return ids, labels
-
-
-def tokenize_chat(tokenizer, messages: list[dict], max_length: int | None = None,
-                  assistant_turns: str = "all") -> tuple[list[int], list[int]]:
-    """Tokenize one conversation with the tokenizer's chat template; loss on the assistant's turns.
-
-    labels[i] equals input_ids[i] for the tokens of every assistant message (only the
-    final one with assistant_turns="last") and the end-of-turn token after it, and is
-    -100 for everything else: system and user turns, each turn's header or generation
-    prompt (e.g. "<|im_start|>assistant\\n"), and what the template writes after an
-    end-of-turn token. Labels are not shifted; the model shifts. Truncation (max_length)
-    keeps the start and cuts the end; a turn it cuts keeps the labels of its first part.
-    """
-    ids, labels = chat_ids(tokenizer, messages, assistant_turns)
-    if max_length is not None:
-        ids, labels = ids[:max_length], labels[:max_length]
-    return ids, labels
 
 
 # -- raw text --------------------------------------------------------------------------
