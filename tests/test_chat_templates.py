@@ -2,22 +2,21 @@
 against transformers' apply_chat_template: the same text, the same ids, and an error
 wherever transformers raises.
 
-The templates: SmolLM2's own (from its model folder), and templates written here in
-the formats of Llama 3, Gemma 2, Phi-3, Mistral and Qwen3, each using the template
-features those families' published templates use (bos_token, strftime_now, trim,
-raise_exception on roles, namespace, loop controls, tools through tojson, a keyword
-such as enable_thinking, {% generation %} blocks). Every one is rendered by both
-libraries on SmolLM2's tokenizer, four conversations each, with and without the
-generation prompt.
+The templates: SmolLM2's own (from its model folder), and short templates written here
+in the formats of Llama 3, Gemma 2, Phi-3, Mistral and Qwen3, each exercising one
+feature templates use (bos_token, strftime_now, trim, raise_exception on roles,
+namespace, loop controls, tools through tojson, a keyword such as enable_thinking,
+{% generation %} blocks), so that a failure points at the feature. Every one is rendered
+by both libraries on SmolLM2's tokenizer, four conversations each, with and without the
+generation prompt. The families' published templates are in
+test_chat_templates_published.py.
 """
 
-import json
-import shutil
 
 import pytest
 from transformers import AutoTokenizer
 
-from helpers_smollm import smollm2_hf_dir
+from helpers_templates import tokenizer_folder
 from minilora.io.chat_template import ChatTemplateError
 from minilora.io.tokenizer import load_tokenizer
 
@@ -153,15 +152,7 @@ CONVERSATIONS = {
 
 
 def _folder(tmp_path, template):
-    folder = tmp_path / "tok"
-    folder.mkdir(parents=True)
-    src = smollm2_hf_dir()
-    shutil.copy(src / "tokenizer.json", folder / "tokenizer.json")
-    cfg = json.loads((src / "tokenizer_config.json").read_text())
-    if template is not None:
-        cfg["chat_template"] = template
-    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
-    return folder
+    return tokenizer_folder(tmp_path / "tok", template)
 
 
 @pytest.fixture(scope="module", params=list(TEMPLATES))

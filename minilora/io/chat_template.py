@@ -192,6 +192,10 @@ def render(source: str, messages, *, add_generation_prompt: bool = False, tools=
             return "".join(blocks), list(found)
     except jinja2.exceptions.TemplateError as e:
         raise ChatTemplateError(f"{origin}: {e.message or type(e).__name__}") from e
+    except (TypeError, ValueError, LookupError, ArithmeticError, AttributeError) as e:
+        # Python's own errors inside the template (a tool-use template given no tools
+        # iterates None): transformers lets them out as they are; here they name the file.
+        raise ChatTemplateError(f"{origin}: {type(e).__name__}: {e}") from e
 
 
 @contextmanager
