@@ -276,3 +276,79 @@ def test_a_python_function_as_a_tool_is_a_clear_error(tmp_path):
 
     with pytest.raises(TypeError, match="JSON-schema dicts.*get_weather"):
         ours.apply_chat_template([{"role": "user", "content": "hi"}], tools=[get_weather])
+
+
+@pytest.mark.parametrize("template", ["smollm2", "llama3", "gemma2", "qwen3"])
+def test_continue_final_message_ends_inside_it_as_transformers_does(tmp_path, template):
+    folder = _folder(tmp_path, TEMPLATES[template])
+    ours, hf = load_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
+    for answer in ("The answer is", "The answer is ", "  spaced  "):
+        messages = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": answer}]
+        want = hf.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+        got = ours.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True)
+        assert got == want and got.rstrip().endswith(answer.strip())
+        assert ours.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True,
+                                        tokenize=True) == hf.apply_chat_template(
+            messages, continue_final_message=True, return_dict=False)
+    reasoning = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "reasoning_content": "Be"}]
+    if template == "qwen3":  # the only one of these that reads reasoning_content
+        want = hf.apply_chat_template(reasoning, tokenize=False, continue_final_message="reasoning_content")
+        assert ours.apply_chat_template(reasoning, add_generation_prompt=False,
+                                        continue_final_message="reasoning_content") == want
+        assert want.endswith("<think>\nBe")
+    else:
+        with pytest.raises(ValueError, match="reasoning_content"):
+            hf.apply_chat_template(reasoning, tokenize=False, continue_final_message="reasoning_content")
+        with pytest.raises(ChatTemplateError, match='"reasoning_content", which the chat template never reads'):
+            ours.apply_chat_template(reasoning, add_generation_prompt=False, continue_final_message="reasoning_content")
+    with pytest.raises(ValueError, match="not compatible"):
+        ours.apply_chat_template(reasoning, add_generation_prompt=True, continue_final_message=True)
+
+
+def test_continue_final_message_refuses_a_template_that_drops_the_message(tmp_path):
+    folder = _folder(tmp_path, "{% for m in messages if m.role == 'user' %}{{ m.content }}{% endfor %}")
+    ours, hf = load_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    with pytest.raises(ValueError, match="does not appear in the chat"):
+        hf.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    with pytest.raises(ChatTemplateError, match="does not write the final message"):
+        ours.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True)
+
+
+def test_named_templates_are_chosen_as_transformers_chooses(tmp_path):
+    default = "{% for m in messages %}D:{{ m.content }};{% endfor %}"
+    tool_use = "{% for t in tools %}T:{{ t.function.name }};{% endfor %}{% for m in messages %}U:{{ m.content }};{% endfor %}"
+    other = "O:{{ messages | length }}"
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    messages = [{"role": "user", "content": "x"}]
+    in_config = _folder(tmp_path / "config", [{"name": "default", "template": default},
+                                              {"name": "tool_use", "template": tool_use},
+                                              {"name": "other", "template": other}])
+    in_files = _folder(tmp_path / "files", None)
+    (in_files / "chat_template.jinja").write_text(default)
+    (in_files / "additional_chat_templates").mkdir()
+    (in_files / "additional_chat_templates" / "tool_use.jinja").write_text(tool_use)
+    (in_files / "additional_chat_templates" / "other.jinja").write_text(other)
+    for folder in (in_config, in_files):
+        ours, hf = load_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
+        for kwargs in ({}, {"tools": tools}, {"chat_template": "other"}, {"chat_template": "tool_use", "tools": tools},
+                       {"chat_template": "Given:{{ messages[0].content }}"}):
+            want = hf.apply_chat_template(messages, tokenize=False, **kwargs)
+            assert ours.apply_chat_template(messages, add_generation_prompt=False, **kwargs) == want
+        assert ours.apply_chat_template(messages, tools=tools) == "T:f;U:x;"
+    # An error names the file the chosen template came from.
+    (in_files / "additional_chat_templates" / "other.jinja").write_text("{{ raise_exception('nope') }}")
+    with pytest.raises(ChatTemplateError, match=f"{in_files / 'additional_chat_templates' / 'other.jinja'}: nope"):
+        load_tokenizer(in_files).apply_chat_template(messages, chat_template="other")
+
+
+def test_several_templates_without_a_default_need_a_name(tmp_path):
+    folder = _folder(tmp_path, [{"name": "a", "template": "A"}, {"name": "b", "template": "B"}])
+    ours, hf = load_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
+    messages = [{"role": "user", "content": "x"}]
+    with pytest.raises(ValueError, match="no default"):
+        hf.apply_chat_template(messages, tokenize=False)
+    with pytest.raises(ValueError, match=r"none is named 'default'.*\['a', 'b'\]"):
+        ours.apply_chat_template(messages)
+    assert ours.apply_chat_template(messages, chat_template="b") == hf.apply_chat_template(
+        messages, tokenize=False, chat_template="b") == "B"

@@ -5,7 +5,8 @@ pinned source package ships them (tests/helpers_templates.py; nothing of them is
 committed). Each family's is rendered on SmolLM2's tokenizer with that family's special
 tokens and bos/eos: four conversations, with and without the generation prompt, give
 the same text and ids as transformers, and the same error where transformers raises.
-Every other template the package ships is held to the same text, tools and tool calls
+Every other template the package ships is held to the same text, tools, tool calls
+content given as a list of parts and a prefilled answer (continue_final_message)
 included. And on three families' templates, none with {% generation %} blocks, the
 labels of a multi-turn chat are every assistant answer with its end-of-turn token and
 nothing else.
@@ -154,6 +155,14 @@ def test_every_published_template_renders_as_transformers_does(tmp_path, small_t
                              (TOOL_CHAT[:4], {"tools": TOOLS, "enable_thinking": False})):
         for generation_prompt in (False, True):
             _compare(ours, hf, messages, generation_prompt, ids=False, **kwargs)
+    # Content as a list of typed parts, as multimodal chats send it: some templates read
+    # the text parts, others fail on a list; either way as in transformers.
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Describe"}, {"type": "text", "text": "this."}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]}]
+    for generation_prompt in (False, True):
+        _compare(ours, hf, parts, generation_prompt, ids=False)
+    prefilled = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "The answer is"}]
+    _compare(ours, hf, prefilled, False, ids=False, continue_final_message=True)
 
 
 CHAT = [{"role": "system", "content": "You count."},

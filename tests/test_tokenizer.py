@@ -109,7 +109,10 @@ def test_smollm2_chat_template_matches_transformers(smol):
             assert text == hf.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False)
             ids = ours.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=True)
             assert ids == ours.encode(text) == hf(text)["input_ids"]
-    assert ours.apply_chat_template([]) == "<|im_start|>assistant\n"  # transformers refuses []
+    with pytest.raises(ValueError, match="empty conversation"):  # as transformers refuses it
+        hf.apply_chat_template([], tokenize=False)
+    with pytest.raises(ValueError, match="empty conversation"):
+        ours.apply_chat_template([])
     assert "SmolLM" in ours.apply_chat_template(alpaca_messages(1)[0])  # the default system prompt
 
 

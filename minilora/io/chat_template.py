@@ -164,14 +164,58 @@ def _messages(messages) -> list[dict]:
     return plain(out)
 
 
+# Appended to the message to continue, then cut off with everything the template writes
+# after it (the end-of-turn token): transformers' own marker, so both cut at the same place.
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def _open_final_message(messages: list[dict], field: str, source: str, origin: str) -> str:
+    """Tag the final message's `field` (its last text block, for a list of blocks) and
+    return the text being continued."""
+    last = messages[-1]
+    final = last.get(field)
+    if final is None:
+        raise ChatTemplateError(f'{origin}: continue_final_message is set but the final message has no "{field}" '
+                                "to continue")
+    # Reasoning is copied under several names (see _messages): tag every copy.
+    fields = [f for f in _REASONING_FIELDS if last.get(f) == final] if field in _REASONING_FIELDS else [field]
+    if not any(f in source for f in fields):
+        raise ChatTemplateError(f'{origin}: continue_final_message is set to "{field}", which the chat template '
+                                "never reads")
+    if isinstance(final, (list, tuple)):
+        for block in reversed(final):
+            if "text" in block:
+                final = block["text"]
+                block["text"] = final + _CONTINUE_TAG
+                return final
+        raise ChatTemplateError(f"{origin}: continue_final_message is set but the final message has no text block "
+                                "to continue")
+    for f in fields:
+        last[f] = last[f] + _CONTINUE_TAG
+    return final
+
+
+def _cut_after_final_message(text: str, final: str, origin: str) -> str:
+    tag = _CONTINUE_TAG.strip()
+    if final.strip() not in text or tag not in text:
+        raise ChatTemplateError(f"{origin}: continue_final_message is set but the chat template does not write the "
+                                "final message as given (it deletes part of it), so there is nothing to continue")
+    at = text.rindex(tag)
+    # A template that trims the message also trimmed the tag's trailing space: trim alike.
+    return text[:at] if text[at:at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:at].rstrip()
+
+
 def render(source: str, messages, *, add_generation_prompt: bool = False, tools=None, documents=None,
-           variables: dict | None = None, origin: str = "chat template", spans: bool = False):
+           variables: dict | None = None, origin: str = "chat template", spans: bool = False,
+           continue_final_message: bool | str = False):
     """The text of `messages` in the template `source`: what transformers' apply_chat_template
     (tokenize=False) returns. `variables`: the special tokens and any template keyword.
 
     With spans=True, returns (text, [(start, end), ...]): the character ranges of the
-    template's {% generation %} blocks. A template that fails raises ChatTemplateError
-    naming `origin` (its file) and Jinja's message."""
+    template's {% generation %} blocks. continue_final_message (True for "content", or
+    the field's name, "reasoning_content" say) ends the text inside the final message,
+    for the model to continue it. A template that fails raises ChatTemplateError naming
+    `origin` (its file) and Jinja's message."""
     for tool in tools or ():
         if not isinstance(tool, dict):
             raise TypeError(f"tools must be JSON-schema dicts ({{'type': 'function', 'function': {{...}}}}), got "
@@ -179,13 +223,17 @@ def render(source: str, messages, *, add_generation_prompt: bool = False, tools=
     context = dict(plain(variables or {}))
     context.update(messages=_messages(messages), tools=plain(tools), documents=plain(documents),
                    add_generation_prompt=add_generation_prompt)
+    if continue_final_message:
+        field = continue_final_message if isinstance(continue_final_message, str) else "content"
+        final = _open_final_message(context["messages"], field, source, origin)
     try:
         template = _compile(source)
     except jinja2.exceptions.TemplateSyntaxError as e:
         raise ChatTemplateError(f"{origin}: the chat template does not compile, line {e.lineno}: {e.message}") from e
     try:
         if not spans:
-            return template.render(**context)
+            text = template.render(**context)
+            return _cut_after_final_message(text, final, origin) if continue_final_message else text
         with _recording() as (blocks, found):
             for block in template.generate(**context):
                 blocks.append(block)

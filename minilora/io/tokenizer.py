@@ -13,7 +13,8 @@ and its post-processor wraps every sequence in [CLS] ... [SEP]. Byte-level BPE
 merges frequent pairs, so any text round-trips through encode/decode exactly.
 
 Chat templates are Jinja programs that ship with the model (chat_template in
-tokenizer_config.json, or chat_template.jinja, which wins). `apply_chat_template` runs
+tokenizer_config.json, or chat_template.jinja and additional_chat_templates/, which win;
+a model may name several, "default" and "tool_use" say). `apply_chat_template` runs
 the model's own template in jinja2's sandbox as transformers does (chat_template.py),
 so every family's format, and a fine-tune's edit of it, renders exactly.
 """
@@ -65,7 +66,11 @@ class Tokenizer:
         self.model_max_length = int(config.get("model_max_length") or VERY_LARGE_LENGTH)
         self.truncation_side = config.get("truncation_side", "right")
         self.padding_side = config.get("padding_side", "right")
+        # One template (a string) or several by name, as configs store them:
+        # [{"name": "default", "template": ...}, {"name": "tool_use", ...}] becomes a dict.
         self.chat_template = config.get("chat_template")
+        if isinstance(self.chat_template, (list, tuple)):
+            self.chat_template = {t["name"]: t["template"] for t in self.chat_template}
         self._warned_chatml = False
         self.add_bos_token = bool(config.get("add_bos_token", False))
         self.add_eos_token = bool(config.get("add_eos_token", False))
@@ -221,12 +226,34 @@ class Tokenizer:
 
     # -- chat formatting -------------------------------------------------------------
 
-    def chat_template_text(self) -> str | None:
-        """The model's own chat template (the default one of a named list), or None."""
+    def chat_template_text(self, chat_template: str | None = None, tools=None) -> str | None:
+        """The template to render, chosen as transformers' get_chat_template chooses: of a
+        model's named templates, `chat_template` if it names one, else "tool_use" when tools
+        are given and there is one, else "default"; otherwise `chat_template` itself (a
+        template's text) if given, else the model's one template, or None."""
+        return self._chosen_template(chat_template, tools)[0]
+
+    def _chosen_template(self, chat_template, tools) -> tuple[str | None, str]:
+        """(template text, where it comes from: a file, or the caller)."""
+        files = self.config.get("chat_template_files", {})
+        given = (chat_template, "the chat_template argument")
         t = self.chat_template
-        if isinstance(t, list):  # some configs store named templates: [{"name", "template"}]
-            t = next((x.get("template") for x in t if x.get("name") == "default"), None)
-        return t
+        if isinstance(t, dict):
+            if chat_template is not None and chat_template in t:
+                name = chat_template
+            elif chat_template is not None:
+                return given
+            elif tools is not None and "tool_use" in t:
+                name = "tool_use"
+            elif "default" in t:
+                name = "default"
+            else:
+                raise ValueError(f"{self.config.get('tokenizer_folder', 'this tokenizer')} has several chat "
+                                 f"templates and none is named 'default': pass chat_template= one of {sorted(t)}")
+            return t[name], files.get(name, "the chat template")
+        if chat_template is not None:
+            return given
+        return t, files.get("default", "the chat template")
 
     def template_variables(self) -> dict:
         """The named special tokens a template sees (bos_token, eos_token, ...), as transformers passes them."""
@@ -234,21 +261,34 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tokenize: bool = False, *, tools: list[dict] | None = None,
-                            documents: list[dict] | None = None, generation_spans: bool = False,
+                            documents: list[dict] | None = None, chat_template: str | None = None,
+                            continue_final_message: bool | str = False, generation_spans: bool = False,
                             **template_kwargs):
         """Render `[{"role", "content"}, ...]` with the model's own chat template.
 
         The text transformers' `apply_chat_template(messages, tokenize=False,
         add_generation_prompt=...)` gives, or its ids with tokenize=True (the template
         writes every special token itself, so none is added). Keywords such as
-        `enable_thinking=False` reach the template as variables. A folder without a
-        template renders ChatML (with a warning), as transformers once did by default.
+        `enable_thinking=False` reach the template as variables. `chat_template` names one
+        of the model's templates or is a template's text; continue_final_message leaves the
+        last message open for the model to continue (a prefilled answer). A folder without
+        a template renders ChatML (with a warning), as transformers once did by default.
         With generation_spans=True: (text, [(start, end), ...]), the character ranges of
         the template's {% generation %} blocks (see `marks_generation`).
         """
-        rendered = render(self.chat_template_text() or CHATML_TEMPLATE, messages, add_generation_prompt=add_generation_prompt,
-                          tools=tools, documents=documents, origin=self._template_origin(),
-                          variables={**self.template_variables(), **template_kwargs}, spans=generation_spans)
+        if not messages:
+            raise ValueError("cannot apply a chat template to an empty conversation: give at least one message")
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt are not compatible: continue the "
+                             "final message, or open a new assistant turn, not both (pass add_generation_prompt=False)")
+        if continue_final_message and generation_spans:
+            raise ValueError("continue_final_message is not compatible with generation_spans")
+        source, origin = self._chosen_template(chat_template, tools)
+        if source is None:
+            source, origin = CHATML_TEMPLATE, self._chatml_origin()
+        rendered = render(source, messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                          documents=documents, origin=origin, variables={**self.template_variables(), **template_kwargs},
+                          spans=generation_spans, continue_final_message=continue_final_message)
         if generation_spans:
             return rendered
         return self.encode(rendered, add_special_tokens=False) if tokenize else rendered
@@ -257,15 +297,13 @@ class Tokenizer:
         """Whether the chat template marks the assistant's text with {% generation %} blocks."""
         return has_generation_blocks(self.chat_template_text() or "")
 
-    def _template_origin(self) -> str:
-        if self.chat_template_text():
-            return self.config.get("chat_template_file", "the chat template")
+    def _chatml_origin(self) -> str:
         if not self._warned_chatml:
             self._warned_chatml = True
             warnings.warn(f"{self.config.get('tokenizer_folder', 'this tokenizer')} has no chat template "
                           "(no chat_template in tokenizer_config.json, no chat_template.jinja): rendering ChatML "
                           "(<|im_start|>role ... <|im_end|>); put the model's template in chat_template.jinja "
-                          "to use its own format", stacklevel=3)
+                          "to use its own format", stacklevel=4)
         return "minilora's ChatML fallback template"
 
 
@@ -284,10 +322,25 @@ def load_tokenizer(path) -> Tokenizer:
     config = _read_json(folder / "special_tokens_map.json")
     config.update(_read_json(folder / "tokenizer_config.json"))  # the newer file wins
     config["tokenizer_folder"] = str(folder)
-    if config.get("chat_template"):
-        config["chat_template_file"] = str(folder / "tokenizer_config.json")
-    jinja = folder / "chat_template.jinja"  # newer transformers save the template apart
-    if jinja.is_file():
-        config["chat_template"] = jinja.read_text(encoding="utf-8")
-        config["chat_template_file"] = str(jinja)
+    config.update(_chat_templates(folder, config.get("chat_template")))
     return Tokenizer(_Backend.from_file(str(tok_file)), config)
+
+
+def _chat_templates(folder: Path, in_config) -> dict:
+    """The folder's chat templates and the file each comes from, as transformers reads them:
+    chat_template.jinja (the default) and additional_chat_templates/NAME.jinja, when any
+    exist, replace what tokenizer_config.json holds."""
+    found = {}
+    if (folder / "chat_template.jinja").is_file():
+        found["default"] = folder / "chat_template.jinja"
+    extra = folder / "additional_chat_templates"
+    if extra.is_dir():
+        found.update({p.name.removesuffix(".jinja"): p for p in sorted(extra.glob("*.jinja"))})
+    if not found:
+        if not in_config:
+            return {}
+        names = [t["name"] for t in in_config] if isinstance(in_config, (list, tuple)) else ["default"]
+        return {"chat_template_files": {name: str(folder / "tokenizer_config.json") for name in names}}
+    texts = {name: path.read_text(encoding="utf-8") for name, path in found.items()}
+    return {"chat_template": texts["default"] if list(texts) == ["default"] else texts,
+            "chat_template_files": {name: str(path) for name, path in found.items()}}
