@@ -8,11 +8,17 @@ The single-process oracle is the same `fsdp_worker.run` in this process. Four-pr
 and two-node runs are slow-marked (`make test-slow`): each process is a Python that
 imports torch, on two cores.
 
-The adapter's initial B comes from seed 2. With seed 1, one gradient entry of the first
-step is 6e-9, within AdamW's eps (1e-8) of zero, where the update m/(sqrt(v) + eps)
-follows the last digits of the gradient: on four processes DDP and FSDP alike (to the
-same bits) then land 1e-3 of the largest value from one process in that entry, while
-every loss still agrees to 1e-6.
+How close "equal" is: one process sums a batch's gradients in one order, N processes
+in another (each its share, then an all-reduce), so the gradients differ in their last
+digits. AdamW's step m/(sqrt(v) + eps) is insensitive to that wherever a gradient is
+well above eps (1e-8), but an entry whose gradient is within a few eps of zero moves by
+an amount those last digits decide. So the adapters are held entry by entry to 1e-6 of
+the largest value, except at most OUTLIERS entries (such near-eps entries), which are
+held to 3e-3. Measured on 2 processes: 11,136 entries, 99.9% within 1.7e-7, 3 beyond
+1e-6, the worst 1.4e-5; with B from seed 1 instead of 2, one first-step gradient entry
+is 6e-9 and on four processes lands 1e-3 away, DDP and FSDP alike (to the same bits),
+while every loss still agrees to 1e-6. A real fault (a shard not gathered, a gradient
+not averaged) moves whole rows, far beyond both bounds.
 """
 
 import os
@@ -31,7 +37,9 @@ from minilora.train.checkpoint import list_checkpoints
 
 HERE = Path(__file__).parent
 TORCHRUN = Path(sys.executable).parent / "torchrun"
-BOUND = 1e-5  # of the adapter's largest value
+BULK = 1e-6  # of the adapter's largest value, for every entry but the outliers
+OUTLIERS = 5  # entries a few eps from zero gradient (see the module docstring)
+WORST = 3e-3  # of the largest value, for those
 
 
 def free_port() -> int:
@@ -69,12 +77,13 @@ def single(folder, tmp_path, nf4, ckpt, accum):
     return adapter, losses
 
 
-def assert_same(out: Path, adapter: dict, losses: torch.Tensor, bound=BOUND):
+def assert_same(out: Path, adapter: dict, losses: torch.Tensor, outliers=OUTLIERS):
     got = load_file(str(out / "final.safetensors"))
     assert got.keys() == adapter.keys()
     scale = max(v.abs().max() for v in adapter.values())
-    worst = max(float((got[k] - v).abs().max()) for k, v in adapter.items())
-    assert worst <= bound * scale, worst / scale
+    off = torch.cat([((got[k] - v).abs() / scale).flatten() for k, v in adapter.items()])
+    assert int((off > BULK).sum()) <= outliers, sorted(off.tolist())[-outliers - 3:]
+    assert float(off.max()) <= WORST, float(off.max())
     torch.testing.assert_close(load_file(str(out / "losses.safetensors"))["losses"], losses, rtol=1e-5, atol=0)
 
 
@@ -168,7 +177,7 @@ def test_dora_and_modules_to_save_give_ddps_adapter(folder, tmp_path, setting):
     for mode in ("ddp", "fsdp"):
         torchrun(2, folder, tmp_path / mode, mode, False, False, 1, 4, extra_env={key: value})
     ddp = load_file(str(tmp_path / "ddp" / "final.safetensors"))
-    assert_same(tmp_path / "fsdp", ddp, load_file(str(tmp_path / "ddp" / "losses.safetensors"))["losses"], bound=1e-6)
+    assert_same(tmp_path / "fsdp", ddp, load_file(str(tmp_path / "ddp" / "losses.safetensors"))["losses"], outliers=0)
     os.environ[key] = value
     try:
         _, losses = single(folder, tmp_path, False, False, 1)
