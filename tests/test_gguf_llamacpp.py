@@ -145,24 +145,39 @@ def test_f32_merged_export_generates_minilora_tokens_and_logits(exports, prompts
         assert rel_err(got_logits, logits) < RTOL
 
 
+def greedy_agrees_but_at_near_ties(llm, ids, tokens, logits, n=16) -> float:
+    """llama.cpp's first n greedy tokens equal minilora's `tokens`, or part from them only at
+    a step where minilora's top two logits are closer than twice the export's error at that
+    step (llama.cpp's logits there, fed the same prefix, against minilora's): there the
+    greedy choice is the rounding's, not the model's. Returns the export's error over all
+    32 steps, teacher-forced on minilora's tokens, as a fraction of the largest logit."""
+    llm.reset()
+    llm.eval(ids + tokens)
+    forced = np.array(llm.scores[len(ids) - 1:len(ids) + len(tokens) - 1])
+    got = llama_greedy(llm, ids, n)[0]
+    same = next((i for i, (a, b) in enumerate(zip(got, tokens)) if a != b), n)
+    if same < n:
+        top2 = np.sort(logits[same])[-2:]
+        margin, error = float(top2[1] - top2[0]), float(np.abs(forced[same] - logits[same]).max())
+        assert margin < 2 * error, f"parted at token {same}, where minilora's top two logits are {margin:.3f} " \
+                                   f"apart and the export moved the logits by {error:.3f}"
+    return rel_err(forced, logits)
+
+
 def test_f16_export_agrees_on_16_tokens(exports, prompts, ours):
     llm = Llama(exports["f16"], n_ctx=512, logits_all=True, n_threads=2)
-    for ids, (tokens, _) in zip(prompts, ours):
-        assert llama_greedy(llm, ids, 16)[0] == tokens[:16]
+    for ids, (tokens, logits) in zip(prompts, ours):
+        assert greedy_agrees_but_at_near_ties(llm, ids, tokens, logits) < 1e-2
 
 
 def test_q8_0_export_agrees_on_16_tokens(exports, prompts, ours):
     """Q8_0 moves SmolLM2's logits by ~3% of their largest value (its weights, and llama.cpp's
     8-bit activations), ~0.5 to 1 logit: fed minilora's tokens, llama.cpp's Q8_0 logits stay
-    within 5% of the f32 ones, and the first 16 greedy tokens agree on these prompts. (Other
-    prompts can part where the top two logits are closer than that: README.)"""
+    within 5% of the f32 ones, and the first 16 greedy tokens agree but where a step's top
+    two logits were closer than that (README)."""
     llm = Llama(exports["q8_0"], n_ctx=512, logits_all=True, n_threads=2)
     for ids, (tokens, logits) in zip(prompts, ours):
-        llm.reset()
-        llm.eval(ids + tokens)
-        forced = np.array(llm.scores[len(ids) - 1:len(ids) + 31])
-        assert rel_err(forced, logits) < 0.05
-        assert llama_greedy(llm, ids, 16)[0] == tokens[:16]
+        assert greedy_agrees_but_at_near_ties(llm, ids, tokens, logits) < 0.05
 
 
 def test_lora_only_adapter_on_the_base_gives_the_merged_tokens(exports, prompts, ours):
