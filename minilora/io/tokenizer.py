@@ -303,7 +303,7 @@ class Tokenizer:
             warnings.warn(f"{self.config.get('tokenizer_folder', 'this tokenizer')} has no chat template "
                           "(no chat_template in tokenizer_config.json, no chat_template.jinja): rendering ChatML "
                           "(<|im_start|>role ... <|im_end|>); put the model's template in chat_template.jinja "
-                          "to use its own format", stacklevel=4)
+                          "to use its own format", stacklevel=3)
         return "minilora's ChatML fallback template"
 
 
