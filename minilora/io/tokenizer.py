@@ -235,7 +235,10 @@ class Tokenizer:
 
     def _chosen_template(self, chat_template, tools) -> tuple[str | None, str]:
         """(template text, where it comes from: a file, or the caller)."""
+        folder = self.config.get("tokenizer_folder")
+        # Templates read from files name their file; the others are tokenizer_config.json's.
         files = self.config.get("chat_template_files", {})
+        in_config = str(Path(folder) / "tokenizer_config.json") if folder else "the chat template"
         given = (chat_template, "the chat_template argument")
         t = self.chat_template
         if isinstance(t, dict):
@@ -250,10 +253,10 @@ class Tokenizer:
             else:
                 raise ValueError(f"{self.config.get('tokenizer_folder', 'this tokenizer')} has several chat "
                                  f"templates and none is named 'default': pass chat_template= one of {sorted(t)}")
-            return t[name], files.get(name, "the chat template")
+            return t[name], files.get(name, in_config)
         if chat_template is not None:
             return given
-        return t, files.get("default", "the chat template")
+        return t, files.get("default", in_config)
 
     def template_variables(self) -> dict:
         """The named special tokens a template sees (bos_token, eos_token, ...), as transformers passes them."""
@@ -322,14 +325,14 @@ def load_tokenizer(path) -> Tokenizer:
     config = _read_json(folder / "special_tokens_map.json")
     config.update(_read_json(folder / "tokenizer_config.json"))  # the newer file wins
     config["tokenizer_folder"] = str(folder)
-    config.update(_chat_templates(folder, config.get("chat_template")))
+    config.update(_chat_template_files(folder))
     return Tokenizer(_Backend.from_file(str(tok_file)), config)
 
 
-def _chat_templates(folder: Path, in_config) -> dict:
-    """The folder's chat templates and the file each comes from, as transformers reads them:
-    chat_template.jinja (the default) and additional_chat_templates/NAME.jinja, when any
-    exist, replace what tokenizer_config.json holds."""
+def _chat_template_files(folder: Path) -> dict:
+    """The folder's chat template files and the file each comes from, as transformers reads
+    them: chat_template.jinja (the default) and additional_chat_templates/NAME.jinja, when
+    any exist, replace what tokenizer_config.json holds."""
     found = {}
     if (folder / "chat_template.jinja").is_file():
         found["default"] = folder / "chat_template.jinja"
@@ -337,10 +340,7 @@ def _chat_templates(folder: Path, in_config) -> dict:
     if extra.is_dir():
         found.update({p.name.removesuffix(".jinja"): p for p in sorted(extra.glob("*.jinja"))})
     if not found:
-        if not in_config:
-            return {}
-        names = [t["name"] for t in in_config] if isinstance(in_config, (list, tuple)) else ["default"]
-        return {"chat_template_files": {name: str(folder / "tokenizer_config.json") for name in names}}
+        return {}
     texts = {name: path.read_text(encoding="utf-8") for name, path in found.items()}
     return {"chat_template": texts["default"] if list(texts) == ["default"] else texts,
             "chat_template_files": {name: str(path) for name, path in found.items()}}
